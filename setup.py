@@ -1,0 +1,80 @@
+"""Build and install rba.
+
+The Triton kernels live in the top-level ``kernels/`` folder (the owner's layout) but are
+installed as ``rba_core.kernels``: an unrelated PyPI package already owns the top-level name
+``kernels``.
+
+The native CPU ops in ``csrc/`` are compiled against the torch that is already installed, so
+build with pip's build isolation off (``pip install --no-build-isolation -e .``); an isolated
+build would fetch a different torch. Without torch or a compiler at build time the package
+still installs and the ops fall back to PyTorch (or a just-in-time build) at run time.
+"""
+import os
+
+from setuptools import setup
+
+
+def native_extensions():
+    """The csrc/ ops as a torch C++ extension, or nothing when that cannot be built here."""
+    if os.environ.get("RBA_NO_NATIVE") == "1":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    sources = sorted(
+        os.path.join("csrc", name) for name in os.listdir("csrc") if name.endswith(".cpp")
+    )
+    if not sources:
+        return [], {}
+    openmp = ["-fopenmp"] if os.name != "nt" else ["/openmp"]
+    extension = CppExtension(
+        name="rba_core._C",
+        sources=sources,
+        extra_compile_args={"cxx": ["-O3", *openmp]},
+        extra_link_args=openmp,
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = native_extensions()
+
+setup(
+    name="rba",
+    version="0.1.0",
+    description="Reinforced Behavior Alignment: RL training that makes speech LLMs follow "
+    "spoken instructions as well as their text teacher does",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "rba_core",
+        "rba_core.commands",
+        "rba_core.convert",
+        "rba_core.models",
+        "rba_core.kernels",
+    ],
+    package_dir={"rba_core.kernels": "kernels"},
+    package_data={"rba_core": ["assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "sentencepiece",
+        "jinja2>=3.1",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "gguf>=0.10",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ninja"],
+        "bench": ["pytest-benchmark", "transformers>=4.45", "liger-kernel"],
+    },
+    entry_points={"console_scripts": ["rba=rba_core.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
