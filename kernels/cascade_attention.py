@@ -1,0 +1,248 @@
+"""Cascade (bifurcated) attention: queries of G samples over one shared prefix plus their own suffix.
+
+A group of G samples continues the same prompt. Their keys and values split into the prompt's
+(stored once per prompt) and each sample's own suffix. Attention over the concatenation equals
+two partial attentions merged through their log-sum-exp: the prefix part is computed once per
+group, with the G samples' queries stacked as extra rows, so the prompt's K/V are read once per
+group instead of G times.
+
+    out = cascade_attention(q, prefix_k, prefix_v, prefix_lens,
+                            suffix_k, suffix_v, suffix_lens, sample_prompt)
+
+Shapes (S samples, B prompts, Hq query heads, Hkv key/value heads, D head size):
+- ``q`` [S, Tq, Hq, D]: the last Tq query positions of each sample's suffix.
+- ``prefix_k``, ``prefix_v`` [B, Hkv, P, D]; ``prefix_lens`` [B]: valid keys per prompt
+  (ragged prompts are right-padded).
+- ``suffix_k``, ``suffix_v`` [R, Hkv, T, D]: suffix storage rows; ``sample_rows`` [S] says which
+  row belongs to each sample (default: row s). ``suffix_lens`` [S]: valid suffix keys, the
+  current queries included; query t of sample s sits at suffix position
+  ``suffix_lens[s] - Tq + t`` and sees the suffix causally up to it (and the whole prefix).
+- ``sample_prompt`` [S]: the prompt each sample continues, non-decreasing (samples of one
+  prompt are contiguous; finished samples may be dropped, so groups can be ragged).
+
+Returns [S, Tq, Hq, D] in q's dtype. Backends: ``"triton"`` (decode step, Tq == 1, no
+autograd; on CPU tensors it needs TRITON_INTERPRET=1), ``"torch"`` (any Tq, differentiable),
+``"auto"`` (Triton for CUDA decode steps without autograd, else torch).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["cascade_attention", "cascade_attention_reference", "attention_reference"]
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _check_inputs(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                  sample_prompt, sample_rows) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"cascade_attention: q must be [S, Tq, Hq, D], got shape {tuple(q.shape)}")
+    if prefix_k.dim() != 4 or prefix_k.shape != prefix_v.shape:
+        raise ValueError(
+            "cascade_attention: prefix_k and prefix_v must both be [B, Hkv, P, D], got "
+            f"{tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}"
+        )
+    if suffix_k.dim() != 4 or suffix_k.shape != suffix_v.shape:
+        raise ValueError(
+            "cascade_attention: suffix_k and suffix_v must both be [R, Hkv, T, D], got "
+            f"{tuple(suffix_k.shape)} and {tuple(suffix_v.shape)}"
+        )
+    S, _, Hq, D = q.shape
+    B, Hkv, _, Dk = prefix_k.shape
+    if Dk != D or suffix_k.shape[3] != D:
+        raise ValueError(
+            f"cascade_attention: head size differs: q has {D}, prefix {Dk}, suffix {suffix_k.shape[3]}"
+        )
+    if suffix_k.shape[1] != Hkv:
+        raise ValueError(
+            f"cascade_attention: prefix has {Hkv} key/value heads but suffix has {suffix_k.shape[1]}"
+        )
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"cascade_attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})"
+        )
+    for name, t, n in (("prefix_lens", prefix_lens, B), ("suffix_lens", suffix_lens, S),
+                       ("sample_prompt", sample_prompt, S)):
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"cascade_attention: {name} must be 1-D of length {n}, got {tuple(t.shape)}")
+    if sample_rows is not None and (sample_rows.dim() != 1 or sample_rows.shape[0] != S):
+        raise ValueError(
+            f"cascade_attention: sample_rows must be 1-D of length {S}, got {tuple(sample_rows.shape)}"
+        )
+    if q.dtype != prefix_k.dtype or q.dtype != suffix_k.dtype:
+        raise ValueError(
+            f"cascade_attention: q, prefix and suffix must share a dtype, got {q.dtype}, "
+            f"{prefix_k.dtype}, {suffix_k.dtype}"
+        )
+
+
+def cascade_attention(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor,
+    suffix_lens: torch.Tensor,
+    sample_prompt: torch.Tensor,
+    sample_rows: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    max_group: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of each sample's queries over its prompt's prefix and its own suffix.
+
+    ``max_group`` bounds the number of samples of one prompt; passing it avoids a device sync.
+    Every prompt needs at least one prefix key (``prefix_lens >= 1``) and every sample
+    ``suffix_lens >= Tq``; these are not checked on the device to keep the decode step sync-free.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"cascade_attention: backend must be one of {_BACKENDS}, got {backend!r}")
+    _check_inputs(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                  sample_prompt, sample_rows)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if sample_rows is None:
+        sample_rows = torch.arange(q.shape[0], device=q.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, prefix_k, prefix_v, suffix_k, suffix_v)
+    )
+    if backend == "auto":
+        backend = "triton" if (q.is_cuda and q.shape[1] == 1 and not needs_grad) else "torch"
+    if backend == "triton":
+        if q.shape[1] != 1:
+            raise ValueError(
+                f"cascade_attention: the Triton kernel serves decode steps (Tq == 1), got Tq = "
+                f"{q.shape[1]}; use backend='torch' for multi-token queries"
+            )
+        if needs_grad:
+            raise ValueError(
+                "cascade_attention: the Triton kernel has no backward; use backend='torch' "
+                "(or torch.no_grad()) when gradients are needed"
+            )
+        from rba_core.kernels import cascade_attention_triton
+
+        if max_group is None:
+            max_group = int(torch.bincount(sample_prompt, minlength=prefix_k.shape[0]).max())
+        return cascade_attention_triton.cascade_decode(
+            q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+            sample_prompt, sample_rows, scale=scale, max_group=max_group,
+        )
+    return cascade_attention_reference(
+        q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_prompt,
+        sample_rows, scale=scale, max_group=max_group,
+    )
+
+
+def cascade_attention_reference(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor,
+    suffix_lens: torch.Tensor,
+    sample_prompt: torch.Tensor,
+    sample_rows: torch.Tensor,
+    *,
+    scale: float,
+    max_group: int | None = None,
+) -> torch.Tensor:
+    """The PyTorch path: prefix attention batched per group, suffix per sample, merged.
+
+    Differentiable. Accumulates in float32 (float64 for float64 inputs).
+    """
+    S, Tq, Hq, D = q.shape
+    B, Hkv, P, _ = prefix_k.shape
+    rep = Hq // Hkv
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+
+    counts = torch.bincount(sample_prompt, minlength=B)
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(S, device=dev) - starts[sample_prompt]
+    G = int(counts.max()) if max_group is None else max_group
+
+    # Scatter the queries into a dense [B, G, ...] grid so that one batched matmul per prompt
+    # reads its prefix once for all of its samples.
+    qs = q.to(acc_dtype).reshape(S, Tq, Hkv, rep, D)
+    dense = qs.new_zeros(B, G, Tq, Hkv, rep, D).index_put((sample_prompt, slot), qs)
+    qd = dense.permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, G * Tq * rep, D)
+    s_p = (qd @ prefix_k.to(acc_dtype).transpose(-1, -2)) * scale
+    p_valid = torch.arange(P, device=dev)[None, :] < prefix_lens[:, None]
+    s_p = s_p.masked_fill(~p_valid[:, None, None, :], float("-inf"))
+    # The running maxima only stabilise exp(); the result does not depend on them, so they
+    # carry no gradient (this also keeps fully masked rows free of NaN gradients).
+    m_p = s_p.amax(-1, keepdim=True).detach()
+    e_p = torch.exp(s_p - m_p)
+    l_p = e_p.sum(-1, keepdim=True)
+    acc_p = e_p @ prefix_v.to(acc_dtype)
+
+    def to_samples(t: torch.Tensor) -> torch.Tensor:
+        last = t.shape[-1]
+        t = t.reshape(B, Hkv, G, Tq, rep, last).permute(0, 2, 1, 3, 4, 5)
+        return t[sample_prompt, slot].reshape(S, Hkv, Tq * rep, last)
+
+    m_p, l_p, acc_p = to_samples(m_p), to_samples(l_p), to_samples(acc_p)
+
+    ks = suffix_k.index_select(0, sample_rows).to(acc_dtype)
+    vs = suffix_v.index_select(0, sample_rows).to(acc_dtype)
+    T = ks.shape[2]
+    qq = qs.permute(0, 2, 1, 3, 4).reshape(S, Hkv, Tq * rep, D)
+    s_s = (qq @ ks.transpose(-1, -2)) * scale
+    q_pos = suffix_lens[:, None] - Tq + torch.arange(Tq, device=dev)[None, :]
+    visible = torch.arange(T, device=dev)[None, None, :] <= q_pos[:, :, None]
+    visible = visible[:, :, None, :].expand(S, Tq, rep, T).reshape(S, 1, Tq * rep, T)
+    s_s = s_s.masked_fill(~visible, float("-inf"))
+    m_s = s_s.amax(-1, keepdim=True).detach()
+    m = torch.maximum(m_p, m_s)
+    e_s = torch.exp(s_s - m)
+    w_p = torch.exp(m_p - m)
+    out = (acc_p * w_p + e_s @ vs) / (l_p * w_p + e_s.sum(-1, keepdim=True))
+    out = out.reshape(S, Hkv, Tq, rep, D).permute(0, 2, 1, 3, 4).reshape(S, Tq, Hq, D)
+    return out.to(q.dtype)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor,
+    suffix_lens: torch.Tensor,
+    sample_prompt: torch.Tensor,
+    sample_rows: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain attention over each sample's own concatenated [prefix; suffix] K/V (the oracle).
+
+    Loops over samples and materialises the concatenation, so it is slow and exact; tests run
+    it in float64.
+    """
+    S, Tq, Hq, D = q.shape
+    Hkv = prefix_k.shape[1]
+    rep = Hq // Hkv
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if sample_rows is None:
+        sample_rows = torch.arange(S, device=q.device)
+    outs = []
+    for s in range(S):
+        b = int(sample_prompt[s])
+        pl, sl, row = int(prefix_lens[b]), int(suffix_lens[s]), int(sample_rows[s])
+        k = torch.cat([prefix_k[b, :, :pl], suffix_k[row, :, :sl]], dim=1)
+        v = torch.cat([prefix_v[b, :, :pl], suffix_v[row, :, :sl]], dim=1)
+        k = k.repeat_interleave(rep, dim=0)
+        v = v.repeat_interleave(rep, dim=0)
+        qh = q[s].transpose(0, 1)
+        scores = (qh @ k.transpose(-1, -2)) * scale
+        key_pos = torch.arange(pl + sl, device=q.device)
+        q_pos = pl + sl - Tq + torch.arange(Tq, device=q.device)
+        scores = scores.masked_fill(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        outs.append((torch.softmax(scores, dim=-1) @ v).transpose(0, 1))
+    return torch.stack(outs)
