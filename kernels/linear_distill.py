@@ -1,0 +1,195 @@
+"""Fused linear distillation loss: a student LM head against a teacher LM head, no [N, V] logits.
+
+    from rba_core.kernels import fused_linear_distill_loss
+
+    loss = fused_linear_distill_loss(student_hidden, student_lm_head.weight,
+                                     teacher_hidden, teacher_lm_head.weight,
+                                     mask, kind="forward_kl", temperature=2.0)
+    loss.backward()   # gradients reach student_hidden and the student weight only
+
+The teacher is a constant: its tensors are detached, so a teacher whose parameters still have
+requires_grad=True gets no gradient and keeps no graph alive.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+
+import torch
+
+from rba_core.kernels import linear_distill_reference as _reference
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "native", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _native() -> ModuleType | None:
+    """The C++ backend when it is importable and built, else None (the caller falls back)."""
+    try:
+        native = importlib.import_module("rba_core.kernels.native")
+    except ModuleNotFoundError as err:
+        # Only the absence of the native module itself means "not available"; a missing
+        # dependency inside it is a real fault and must surface.
+        if err.name != "rba_core.kernels.native":
+            raise
+        return None
+    return native if native.available() else None
+
+
+def _select_backend(backend: str, device: torch.device):
+    if backend == "torch":
+        return _reference
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        from rba_core.kernels import linear_distill_triton
+        return linear_distill_triton
+    native = _native()
+    if backend == "native":
+        if native is None:
+            raise RuntimeError(
+                "backend='native': the C++ extension rba_core._C is not built and could not be "
+                "built just in time; reinstall with `pip install --no-build-isolation -e .` "
+                "or use backend='auto' to fall back to PyTorch")
+        return native
+    if device.type != "cpu":
+        return _reference
+    return native if native is not None else _reference
+
+
+def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, kind,
+                  jsd_beta, temperature, reduction, backend) -> None:
+    named = (("student_hidden", student_hidden), ("student_weight", student_weight),
+             ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; use float32, bfloat16 or float16")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not supported; use one of {KINDS}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; use one of {REDUCTIONS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+    if kind == "jsd" and not (isinstance(jsd_beta, (int, float)) and 0.0 < jsd_beta < 1.0):
+        raise ValueError(f"jsd_beta={jsd_beta!r} must lie strictly between 0 and 1 for "
+                         "kind='jsd' (0 or 1 makes the divergence identically zero)")
+    if student_weight.dim() != 2 or teacher_weight.dim() != 2:
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} and teacher_weight "
+                         f"{tuple(teacher_weight.shape)} must both be 2-D [V, D]")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"vocabulary mismatch: student_weight has {student_weight.shape[0]} rows, "
+            f"teacher_weight {teacher_weight.shape[0]}; distillation compares distributions "
+            "over one shared vocabulary, so both LM heads must have the same V")
+    if student_hidden.dim() not in (2, 3) or teacher_hidden.dim() != student_hidden.dim():
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must both be [N, D] or [B, T, D]")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must cover the same tokens (equal "
+                         "leading dimensions)")
+    if student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(f"student_hidden width {student_hidden.shape[-1]} != student_weight "
+                         f"width {student_weight.shape[1]}")
+    if teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+        raise ValueError(f"teacher_hidden width {teacher_hidden.shape[-1]} != teacher_weight "
+                         f"width {teacher_weight.shape[1]}")
+    dtypes = {name: t.dtype for name, t in named}
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"dtype mix {dtypes}: all four tensors must share one dtype; cast the "
+                        "teacher's tensors (e.g. teacher_hidden.to(student_hidden.dtype))")
+    devices = {name: t.device for name, t in named}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"devices differ {devices}: move all four tensors to one device")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.shape != student_hidden.shape[:-1]:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the leading shape of "
+                             f"student_hidden {tuple(student_hidden.shape[:-1])}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"mask has dtype {mask.dtype}; use a bool (or integer 0/1) tensor")
+        if mask.device != student_hidden.device:
+            raise ValueError(f"mask is on {mask.device}, the hidden states on "
+                             f"{student_hidden.device}; move the mask")
+
+
+class _DistillRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, backend, temperature, kind,
+                jsd_beta):
+        loss_rows, s_lse, t_lse = backend.distill_forward(
+            s_hidden, s_weight, t_hidden, t_weight, temperature, kind, jsd_beta)
+        ctx.save_for_backward(s_hidden, s_weight, t_hidden, t_weight, s_lse, t_lse)
+        ctx.backend, ctx.temperature, ctx.kind, ctx.jsd_beta = backend, temperature, kind, jsd_beta
+        return loss_rows.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        s_hidden, s_weight, t_hidden, t_weight, s_lse, t_lse = ctx.saved_tensors
+        grad_h, grad_w = ctx.backend.distill_backward(
+            s_hidden, s_weight, t_hidden, t_weight, ctx.temperature, ctx.kind, ctx.jsd_beta,
+            s_lse, t_lse, grad_rows.to(torch.float32).contiguous(), ctx.needs_input_grad[1])
+        if not ctx.needs_input_grad[0]:
+            grad_h = None
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if keep is not None:
+        flat = flat[keep]
+    return flat.contiguous()
+
+
+def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                              teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                              mask: torch.Tensor | None = None, *, kind: str = "forward_kl",
+                              jsd_beta: float = 0.5, temperature: float = 2.0,
+                              reduction: str = "mean",
+                              scale_by_temperature_squared: bool = False,
+                              backend: str = "auto") -> torch.Tensor:
+    """Distillation loss between softmax(h_S W_S^T / T) and softmax(h_T W_T^T / T), fused.
+
+    student_hidden [N, Ds] or [B, T, Ds], student_weight [V, Ds]; teacher_hidden [N, Dt] or
+    [B, T, Dt], teacher_weight [V, Dt]: the widths may differ, the vocabulary V must match.
+    mask (bool, the hidden states' leading shape): True marks tokens that count; the others
+    are removed before any compute.
+
+    kind: "forward_kl" KL(P_T||P_S), "reverse_kl" KL(P_S||P_T), or "jsd"
+    beta KL(P_T||M) + (1-beta) KL(P_S||M) with M = beta P_T + (1-beta) P_S, 0 < jsd_beta < 1.
+    reduction: "mean" over counted tokens (0 when none count), "sum", or "none" (float32 per
+    token in the hidden states' leading shape, 0 at masked tokens).
+    scale_by_temperature_squared multiplies by T**2, which keeps gradient magnitudes
+    comparable across temperatures (Hinton et al.).
+    backend: "auto" (Triton on CUDA, the native C++ op on CPU when built, else PyTorch),
+    or force "triton", "native" or "torch".
+
+    Gradients flow to student_hidden and student_weight only; the teacher is detached.
+    """
+    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, kind,
+                  jsd_beta, temperature, reduction, backend)
+    impl = _select_backend(backend, student_hidden.device)
+    keep = None if mask is None else mask.reshape(-1).to(torch.bool)
+    s_rows = _rows(student_hidden, keep)
+    t_rows = _rows(teacher_hidden.detach(), keep)
+    loss_rows = _DistillRows.apply(s_rows, student_weight.contiguous(), t_rows,
+                                   teacher_weight.detach().contiguous(), impl,
+                                   float(temperature), kind, float(jsd_beta))
+    if scale_by_temperature_squared:
+        loss_rows = loss_rows * float(temperature) ** 2
+    if reduction == "sum":
+        return loss_rows.sum()
+    if reduction == "mean":
+        return loss_rows.sum() / max(loss_rows.shape[0], 1)
+    lead = student_hidden.shape[:-1]
+    if keep is None:
+        return loss_rows.reshape(lead)
+    full = loss_rows.new_zeros(keep.shape[0]).masked_scatter(keep, loss_rows)
+    return full.reshape(lead)
