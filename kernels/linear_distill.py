@@ -13,12 +13,13 @@ requires_grad=True gets no gradient and keeps no graph alive.
 from __future__ import annotations
 
 import importlib
-import math
 from types import ModuleType
 
 import torch
 
 from rba_core.kernels import linear_distill_reference as _reference
+from rba_core.kernels._checks import (check_choice, check_float_tensor, check_mask,
+                                      check_positive, check_same_device)
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -59,34 +60,31 @@ def _select_backend(backend: str, device: torch.device):
 
 
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, kind,
-                  jsd_beta, temperature, reduction, backend) -> None:
-    named = (("student_hidden", student_hidden), ("student_weight", student_weight),
-             ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; use float32, bfloat16 or float16")
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is not supported; use one of {KINDS}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not supported; use one of {REDUCTIONS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
-    if kind == "jsd" and not (isinstance(jsd_beta, (int, float)) and 0.0 < jsd_beta < 1.0):
+                  jsd_beta, temperature, reduction, backend) -> torch.Tensor | None:
+    """Validates everything; returns the mask as bool (or None)."""
+    named = {"student_hidden": student_hidden, "student_weight": student_weight,
+             "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}
+    for name, t in named.items():
+        check_float_tensor(name, t, _FLOAT_DTYPES)
+    check_choice("kind", kind, KINDS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    check_positive("temperature", temperature)
+    if kind == "jsd" and (isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float))
+                          or not 0.0 < jsd_beta < 1.0):
         raise ValueError(f"jsd_beta={jsd_beta!r} must lie strictly between 0 and 1 for "
                          "kind='jsd' (0 or 1 makes the divergence identically zero)")
     if student_weight.dim() != 2 or teacher_weight.dim() != 2:
         raise ValueError(f"student_weight {tuple(student_weight.shape)} and teacher_weight "
-                         f"{tuple(teacher_weight.shape)} must both be 2-D [V, D]")
+                         f"{tuple(teacher_weight.shape)} must both be LM heads [V, D]")
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
-            f"vocabulary mismatch: student_weight has {student_weight.shape[0]} rows, "
-            f"teacher_weight {teacher_weight.shape[0]}; distillation compares distributions "
-            "over one shared vocabulary, so both LM heads must have the same V")
+            f"vocabulary mismatch: student_weight has V={student_weight.shape[0]} rows, "
+            f"teacher_weight V={teacher_weight.shape[0]}; distillation compares distributions "
+            "over one shared vocabulary, so both LM heads must have the same V (pad or slice "
+            "the teacher's head to the student's tokenizer)")
+    if student_weight.shape[0] == 0:
+        raise ValueError("student_weight has an empty vocabulary (V = 0)")
     if student_hidden.dim() not in (2, 3) or teacher_hidden.dim() != student_hidden.dim():
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
                          f"{tuple(teacher_hidden.shape)} must both be [N, D] or [B, T, D]")
@@ -94,30 +92,18 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
                          f"{tuple(teacher_hidden.shape)} must cover the same tokens (equal "
                          "leading dimensions)")
-    if student_hidden.shape[-1] != student_weight.shape[1]:
-        raise ValueError(f"student_hidden width {student_hidden.shape[-1]} != student_weight "
-                         f"width {student_weight.shape[1]}")
-    if teacher_hidden.shape[-1] != teacher_weight.shape[1]:
-        raise ValueError(f"teacher_hidden width {teacher_hidden.shape[-1]} != teacher_weight "
-                         f"width {teacher_weight.shape[1]}")
-    dtypes = {name: t.dtype for name, t in named}
+    for who, hidden, weight in (("student", student_hidden, student_weight),
+                                ("teacher", teacher_hidden, teacher_weight)):
+        if hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"{who}_hidden width {hidden.shape[-1]} != {who}_weight width "
+                             f"{weight.shape[1]}; the weight is [V, D] as nn.Linear stores it")
+    dtypes = {name: t.dtype for name, t in named.items()}
     if len(set(dtypes.values())) != 1:
-        raise TypeError(f"dtype mix {dtypes}: all four tensors must share one dtype; cast the "
-                        "teacher's tensors (e.g. teacher_hidden.to(student_hidden.dtype))")
-    devices = {name: t.device for name, t in named}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"devices differ {devices}: move all four tensors to one device")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.shape != student_hidden.shape[:-1]:
-            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the leading shape of "
-                             f"student_hidden {tuple(student_hidden.shape[:-1])}")
-        if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise TypeError(f"mask has dtype {mask.dtype}; use a bool (or integer 0/1) tensor")
-        if mask.device != student_hidden.device:
-            raise ValueError(f"mask is on {mask.device}, the hidden states on "
-                             f"{student_hidden.device}; move the mask")
+        listing = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"dtype mix ({listing}): all four tensors must share one dtype; cast "
+                        "the teacher's, e.g. teacher_hidden.to(student_hidden.dtype)")
+    check_same_device(**named)
+    return check_mask(mask, student_hidden.shape[:-1], student_hidden.device)
 
 
 class _DistillRows(torch.autograd.Function):
@@ -173,10 +159,10 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
 
     Gradients flow to student_hidden and student_weight only; the teacher is detached.
     """
-    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, kind,
-                  jsd_beta, temperature, reduction, backend)
+    mask = _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                         kind, jsd_beta, temperature, reduction, backend)
     impl = _select_backend(backend, student_hidden.device)
-    keep = None if mask is None else mask.reshape(-1).to(torch.bool)
+    keep = None if mask is None else mask.reshape(-1)
     s_rows = _rows(student_hidden, keep)
     t_rows = _rows(teacher_hidden.detach(), keep)
     loss_rows = _DistillRows.apply(s_rows, student_weight.contiguous(), t_rows,

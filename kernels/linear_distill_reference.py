@@ -51,7 +51,8 @@ def _rows_from_logits(zs: torch.Tensor, zt: torch.Tensor, kind: str, jsd_beta: f
         lm = _log_mixture(lps, lpt, jsd_beta)
         loss = (jsd_beta * (lpt.exp() * (lpt - lm)).sum(-1)
                 + (1.0 - jsd_beta) * (lps.exp() * (lps - lm)).sum(-1))
-    return loss, torch.logsumexp(zs, dim=-1), torch.logsumexp(zt, dim=-1)
+    # A divergence is >= 0; float rounding of cancelling terms can leave a tiny negative.
+    return loss.clamp_min(0.0), torch.logsumexp(zs, dim=-1), torch.logsumexp(zt, dim=-1)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_t: float, cdtype: torch.dtype):
