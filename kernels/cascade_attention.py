@@ -91,11 +91,14 @@ def cascade_attention(
     *,
     scale: float | None = None,
     max_group: int | None = None,
+    group_starts: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of each sample's queries over its prompt's prefix and its own suffix.
 
-    ``max_group`` bounds the number of samples of one prompt; passing it avoids a device sync.
+    ``max_group`` bounds the number of samples of one prompt; ``group_starts`` [B + 1] (the
+    first sample of each prompt, then S) may be passed when already known. Passing both keeps
+    the call free of device syncs (needed for CUDA-graph capture).
     Every prompt needs at least one prefix key (``prefix_lens >= 1``) and every sample
     ``suffix_lens >= Tq``; these are not checked on the device to keep the decode step sync-free.
     """
@@ -130,6 +133,7 @@ def cascade_attention(
         return cascade_attention_triton.cascade_decode(
             q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
             sample_prompt, sample_rows, scale=scale, max_group=max_group,
+            group_starts=group_starts,
         )
     return cascade_attention_reference(
         q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_prompt,
@@ -161,15 +165,20 @@ def cascade_attention_reference(
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
 
-    counts = torch.bincount(sample_prompt, minlength=B)
-    starts = counts.cumsum(0) - counts
-    slot = torch.arange(S, device=dev) - starts[sample_prompt]
-    G = int(counts.max()) if max_group is None else max_group
-
-    # Scatter the queries into a dense [B, G, ...] grid so that one batched matmul per prompt
-    # reads its prefix once for all of its samples.
     qs = q.to(acc_dtype).reshape(S, Tq, Hkv, rep, D)
-    dense = qs.new_zeros(B, G, Tq, Hkv, rep, D).index_put((sample_prompt, slot), qs)
+    # With S == B * max_group every group is full (no group exceeds max_group), so samples
+    # already form a dense [B, G] grid; otherwise scatter them into one. Either way one batched
+    # matmul per prompt reads its prefix once for all of its samples.
+    full = max_group is not None and S == B * max_group
+    if full:
+        G = max_group
+        dense = qs.reshape(B, G, Tq, Hkv, rep, D)
+    else:
+        counts = torch.bincount(sample_prompt, minlength=B)
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(S, device=dev) - starts[sample_prompt]
+        G = int(counts.max()) if max_group is None else max_group
+        dense = qs.new_zeros(B, G, Tq, Hkv, rep, D).index_put((sample_prompt, slot), qs)
     qd = dense.permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, G * Tq * rep, D)
     s_p = (qd @ prefix_k.to(acc_dtype).transpose(-1, -2)) * scale
     p_valid = torch.arange(P, device=dev)[None, :] < prefix_lens[:, None]
@@ -184,7 +193,8 @@ def cascade_attention_reference(
     def to_samples(t: torch.Tensor) -> torch.Tensor:
         last = t.shape[-1]
         t = t.reshape(B, Hkv, G, Tq, rep, last).permute(0, 2, 1, 3, 4, 5)
-        return t[sample_prompt, slot].reshape(S, Hkv, Tq * rep, last)
+        t = t.reshape(S, Hkv, Tq, rep, last) if full else t[sample_prompt, slot]
+        return t.reshape(S, Hkv, Tq * rep, last)
 
     m_p, l_p, acc_p = to_samples(m_p), to_samples(l_p), to_samples(acc_p)
 

@@ -155,6 +155,7 @@ def cascade_decode(
     *,
     scale: float,
     max_group: int,
+    group_starts: torch.Tensor | None = None,
     block_n: int = 64,
 ) -> torch.Tensor:
     """Launch both kernels; q is [S, 1, Hq, D]. Inputs were validated by the caller."""
@@ -169,9 +170,12 @@ def cascade_decode(
     prefix_k, prefix_v, suffix_k, suffix_v = (
         t if t.stride(-1) == 1 else t.contiguous() for t in (prefix_k, prefix_v, suffix_k, suffix_v)
     )
-    counts = torch.bincount(sample_prompt, minlength=B)
-    gstart = torch.zeros(B + 1, dtype=torch.int32, device=dev)
-    gstart[1:] = counts.cumsum(0)
+    if group_starts is None:
+        counts = torch.bincount(sample_prompt, minlength=B)
+        gstart = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+        gstart[1:] = counts.cumsum(0)
+    else:
+        gstart = group_starts.to(device=dev, dtype=torch.int32)
     plen = prefix_lens.to(device=dev, dtype=torch.int32)
     slen = suffix_lens.to(device=dev, dtype=torch.int32)
     rows = sample_rows.to(device=dev, dtype=torch.int32)

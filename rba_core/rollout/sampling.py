@@ -1,0 +1,98 @@
+"""Sampling settings and the per-step token choice (temperature, top-k, top-p, min-p)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from rba_core.errors import ConfigError
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are drawn. ``temperature == 0`` is greedy decoding.
+
+    The filters apply in the order temperature, top-k, top-p, min-p (as Hugging Face's
+    ``generate`` does); ``top_k = 0``, ``top_p = 1`` and ``min_p = 0`` switch them off.
+    ``stop_ids`` end a sample when drawn (the stop token is kept); ``stop_strings`` end it once
+    its decoded text contains one of them (needs a tokenizer).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_new_tokens: int = 64
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def validate(self) -> None:
+        def number(name: str, value: object) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ConfigError(f"sampling.{name} must be a number, got {value!r}")
+            return float(value)
+
+        if not 0 <= number("temperature", self.temperature) < math.inf:
+            raise ConfigError(f"sampling.temperature must be >= 0 (0 = greedy), got "
+                              f"{self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"sampling.top_k must be an integer >= 0 (0 = off), got "
+                              f"{self.top_k!r}")
+        if not 0 < number("top_p", self.top_p) <= 1:
+            raise ConfigError(f"sampling.top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not 0 <= number("min_p", self.min_p) < 1:
+            raise ConfigError(f"sampling.min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
+        if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
+                or self.max_new_tokens < 1):
+            raise ConfigError(f"sampling.max_new_tokens must be an integer >= 1, got "
+                              f"{self.max_new_tokens!r}")
+        for token in self.stop_ids:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ConfigError(f"sampling.stop_ids must hold token ids >= 0, got {token!r}")
+        for text in self.stop_strings:
+            if not isinstance(text, str) or not text:
+                raise ConfigError(f"sampling.stop_strings must hold non-empty strings, got "
+                                  f"{text!r}")
+
+
+def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Tempered, filtered float32 logits ``[N, V]`` (removed tokens at -inf) for temperature > 0."""
+    z = logits.float() / config.temperature
+    if config.top_k and config.top_k < z.shape[-1]:
+        kth = torch.topk(z, config.top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        # Keep the smallest head whose mass reaches top_p: a token stays while the mass before
+        # it is still below top_p (so the most likely token always stays).
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= config.top_p
+        z = z.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted),
+                          float("-inf"))
+    if config.min_p > 0.0:
+        probs = torch.softmax(z, dim=-1)
+        z = z.masked_fill(probs < config.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return z
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, config: SamplingConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row of ``logits [N, V]`` from ``uniforms [N]`` in [0, 1).
+
+    Inverse-CDF sampling with one uniform per row keeps a request's draws a function of its own
+    seed alone. Returns (tokens [N], log-prob under the untempered model [N], log-prob under
+    the sampling distribution [N]), both float32.
+    """
+    model_logp = torch.log_softmax(logits.float(), dim=-1)
+    if config.temperature == 0:
+        tokens = model_logp.argmax(-1)
+        return tokens, model_logp.gather(-1, tokens[:, None])[:, 0], torch.zeros_like(
+            model_logp[:, 0])
+    sample_logp = torch.log_softmax(filter_logits(logits, config), dim=-1)
+    cdf = sample_logp.double().exp().cumsum(-1)
+    target = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+    return (tokens, model_logp.gather(-1, tokens[:, None])[:, 0],
+            sample_logp.gather(-1, tokens[:, None])[:, 0])
