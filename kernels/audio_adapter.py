@@ -301,6 +301,12 @@ def _packed_torch(
     return out.view(batch, plan.t_out, d)
 
 
+def _empty(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Every buffer the kernels fill; tests swap in a NaN-filled allocator to prove each
+    element is written."""
+    return torch.empty(tuple(shape), device=device, dtype=dtype)
+
+
 class _TritonAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, frames, g1, w1, b1, w2, b2, g2, plan, activation, eps):
@@ -316,14 +322,14 @@ class _TritonAdapterFunction(torch.autograd.Function):
             return out
         dev = frames.device
         needs_grad = any(ctx.needs_input_grad[:7])
-        a = torch.empty(m, h, device=dev, dtype=frames.dtype)
-        u = torch.empty(m, w1.shape[0], device=dev, dtype=torch.float32) if needs_grad else None
-        r1 = torch.empty(m, device=dev, dtype=torch.float32)
+        a = _empty((m, h), dev, frames.dtype)
+        u = _empty((m, w1.shape[0]), dev, torch.float32) if needs_grad else None
+        r1 = _empty((m,), dev, torch.float32)
         kt.forward_stack_norm_linear1(frames, plan.row_off, plan.row_lim, g1, w1, b1,
                                       activation, eps, u, a, r1)
-        v = torch.empty(m, d, device=dev, dtype=torch.float32)
+        v = _empty((m, d), dev, torch.float32)
         kt.matmul(a, w2.t(), b2, v)
-        r2 = torch.empty(m, device=dev, dtype=torch.float32)
+        r2 = _empty((m,), dev, torch.float32)
         kt.postnorm_scatter(v, g2, eps, out, plan.out_off, r2)
         ctx.save_for_backward(frames, g1, w1, w2, g2, u, a, r1, v, r2)
         return out
@@ -349,29 +355,29 @@ class _TritonAdapterFunction(torch.autograd.Function):
         dev = frames.device
         grads = [None] * 10
 
-        dv = torch.empty(m, d, device=dev, dtype=w2.dtype)
+        dv = _empty((m, d), dev, w2.dtype)
         kt.postnorm_backward(dout, plan.out_off, plan.out_lim, v, r2, g2, dv)
         if need[6]:
-            grads[6] = torch.empty_like(g2)
+            grads[6] = _empty(g2.shape, dev, g2.dtype)
             kt.norm_weight_grad(v, dout, plan.out_off, plan.out_lim, r2, grads[6])
         if need[4] or need[5]:
-            dw2 = torch.empty_like(w2)
-            db2 = w2.new_empty(d) if need[5] else None
+            dw2 = _empty(w2.shape, dev, w2.dtype)
+            db2 = _empty((d,), dev, w2.dtype) if need[5] else None
             kt.weight_grad(dv, a, dw2, db2)
             grads[4], grads[5] = (dw2 if need[4] else None), db2
 
-        du = torch.empty(m, w1.shape[0], device=dev, dtype=w1.dtype)
+        du = _empty((m, w1.shape[0]), dev, w1.dtype)
         kt.matmul(dv, w2, None, du, act_backward=ctx.activation, u=u)
         if need[2] or need[3]:
-            dw1 = torch.empty_like(w1)
-            db1 = w1.new_empty(w1.shape[0]) if need[3] else None
+            dw1 = _empty(w1.shape, dev, w1.dtype)
+            db1 = _empty((w1.shape[0],), dev, w1.dtype) if need[3] else None
             kt.weight_grad(du, frames, dw1, db1, gather=(plan.row_off, plan.row_lim, r1, g1))
             grads[2], grads[3] = (dw1 if need[2] else None), db1
         if need[0] or need[1]:
-            dy = torch.empty(m, w1.shape[1], device=dev, dtype=torch.float32)
+            dy = _empty((m, w1.shape[1]), dev, torch.float32)
             kt.matmul(du, w1, None, dy)
             if need[1]:
-                grads[1] = torch.empty_like(g1)
+                grads[1] = _empty(g1.shape, dev, g1.dtype)
                 kt.norm_weight_grad(dy, frames, plan.row_off, plan.row_lim, r1, grads[1])
             if need[0]:
                 grads[0] = torch.zeros_like(frames)
