@@ -265,8 +265,10 @@ class RMSNorm(nn.Module):
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
     """Per-pair rotation frequencies (float32, CPU), with the configured scaling applied."""
     dim = config.head_dim
+    # Always on the CPU, also inside a meta-device context: meta arithmetic here would import
+    # torch._dynamo (seconds) for a table that is recomputed after loading anyway.
     inv_freq = 1.0 / (config.rope_theta ** (
-        torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+        torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / dim))
     if config.rope_type == "linear":
         return inv_freq / config.rope_factor
     if config.rope_type == "llama3":
@@ -499,7 +501,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        # Random init only off the meta device: on meta, normal_ drags in torch._dynamo
+        # (seconds of import) for a tensor that loading replaces anyway.
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
