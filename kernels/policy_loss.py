@@ -1,0 +1,191 @@
+"""Fused linear policy loss (GRPO / DAPO / Dr. GRPO family) straight from hidden states.
+
+    from rba_core.kernels import fused_linear_policy_loss
+    loss, stats = fused_linear_policy_loss(
+        hidden, lm_head.weight, ids, advantages, old_logprobs, ref_logprobs, mask,
+        beta=0.04, loss_type="grpo")
+    loss.backward()          # grads of hidden (and of lm_head.weight when it requires grad)
+
+The log-probs come from fused_linear_logprobs (no [N, V] logits, forward or backward); the
+per-token clipped objective, KL and their derivative are one fused Triton elementwise kernel on
+CUDA and plain PyTorch on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import policy_loss_reference
+from ._checks import (
+    check_choice, check_hidden_weight, check_mask, check_non_negative, check_per_token,
+    check_tensor,
+)
+from .linear_logprobs import BACKENDS, fused_linear_logprobs
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+@dataclass
+class PolicyLossStats:
+    """Per-token statistics with hidden's leading shape.
+
+    logprobs (and entropy) stay attached to the autograd graph, so an entropy bonus can be added
+    to the loss; ratio, kl and clipped are detached. Masked positions hold logprobs 0, ratio 1,
+    kl 0, clipped False, entropy 0. kl is None without ref_logprobs; entropy is None unless
+    return_entropy was set. clipped marks tokens whose objective is the clipped branch (zero
+    policy gradient there).
+    """
+    logprobs: torch.Tensor
+    ratio: torch.Tensor
+    kl: torch.Tensor | None
+    clipped: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+class _PolicyTokenLossFn(torch.autograd.Function):
+    """Sum of the weighted per-token losses; the kernel already produced d loss / d logp."""
+
+    @staticmethod
+    def forward(ctx, logp, old, ref, adv, weights, valid, options, terms_fn):
+        loss_t, grad_t, ratio, kl, clipped = terms_fn(logp, old, ref, adv, weights, valid,
+                                                      **options)
+        ctx.save_for_backward(grad_t)
+        ctx.logp_dtype = logp.dtype
+        outputs = (ratio, clipped) if kl is None else (ratio, clipped, kl)
+        ctx.mark_non_differentiable(*outputs)
+        return loss_t.sum(), ratio, kl, clipped
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        (grad_t,) = ctx.saved_tensors
+        return (grad_loss * grad_t).to(ctx.logp_dtype), None, None, None, None, None, None, None
+
+
+def _token_weights(valid: torch.Tensor, loss_type: str, batched: bool,
+                   sequence_ids: torch.Tensor | None, max_length: int | None) -> torch.Tensor:
+    """Normalisation weight per token (zero where masked); the loss is sum(weight * loss_t)."""
+    valid_f = valid.to(torch.float32)
+    if loss_type == "dapo":
+        return valid_f / valid_f.sum().clamp(min=1.0)
+    if batched:
+        num_seq = valid.shape[0]
+        lengths = valid_f.sum(1, keepdim=True).expand_as(valid_f)
+        length = valid.shape[1] if max_length is None else max_length
+    else:
+        if sequence_ids is None:
+            raise ValueError(
+                f"loss_type={loss_type!r} with flat [N, D] hidden needs sequence_ids= (one "
+                "integer per token naming its sequence); or pass hidden as [B, T, D] with a mask"
+            )
+        _, inverse = torch.unique(sequence_ids, return_inverse=True)
+        num_seq = int(inverse.max()) + 1 if inverse.numel() else 0
+        lengths = torch.zeros(num_seq, device=valid.device).index_add_(0, inverse, valid_f)[inverse]
+        if loss_type == "dr_grpo" and max_length is None:
+            raise ValueError("loss_type='dr_grpo' with flat [N, D] hidden needs max_length= "
+                             "(the fixed length each sequence's loss sum is divided by)")
+        length = max_length
+    if loss_type == "grpo":
+        # Sequences with no valid token count in the mean with a loss of 0 (as in TRL).
+        return valid_f / (lengths.clamp(min=1.0) * max(num_seq, 1))
+    return valid_f / (max(num_seq, 1) * length)
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    loss_type: str = "grpo",
+    max_length: int | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """Clipped policy-gradient loss with optional KL to a reference, from hidden states.
+
+    hidden [B, T, D] (or [N, D]), weight [V, D]; ids, old_logprobs, ref_logprobs and mask have
+    hidden's leading shape; advantages are per token (leading shape) or, for [B, T, D] hidden,
+    per sequence [B]. Per token: ratio = exp(logp - old), loss_t = -min(ratio * A,
+    clip(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A) + beta * kl_t with kl_estimator
+    k1 = logp - ref, k2 = (ref - logp)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1.
+
+    loss_type: "grpo" averages over each sequence's valid tokens, then over sequences (flat input
+    needs sequence_ids); "dapo" divides the sum by the number of valid tokens; "dr_grpo" divides
+    it by num_sequences * max_length (max_length defaults to T for [B, T, D]; flat input needs
+    sequence_ids and max_length). Returns (scalar float32 loss, PolicyLossStats).
+    """
+    hidden, weight = check_hidden_weight(hidden, weight)
+    lead = tuple(hidden.shape[:-1])
+    batched = hidden.dim() == 3
+    device = hidden.device
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("kl_estimator", kl_estimator, policy_loss_reference.KL_ESTIMATORS)
+    check_choice("backend", backend, BACKENDS)
+    beta = check_non_negative("beta", beta)
+    for name, eps in (("clip_eps_low", clip_eps_low), ("clip_eps_high", clip_eps_high)):
+        check_non_negative(name, eps)
+    if clip_eps_low >= 1:
+        raise ValueError(f"clip_eps_low must be < 1 (the ratio floor is 1 - clip_eps_low), "
+                         f"got {clip_eps_low}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length <= 0):
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(f"beta={beta} needs ref_logprobs (the reference policy's log-probs); "
+                         "pass them or set beta=0")
+    old_logprobs = check_per_token("old_logprobs", old_logprobs, lead, device)
+    if ref_logprobs is not None:
+        ref_logprobs = check_per_token("ref_logprobs", ref_logprobs, lead, device)
+    advantages = check_tensor("advantages", advantages)
+    if batched and tuple(advantages.shape) == lead[:1]:
+        advantages = advantages[:, None].expand(lead)
+    advantages = check_per_token("advantages", advantages, lead, device)
+    if sequence_ids is not None:
+        if batched:
+            raise ValueError("sequence_ids is for flat [N, D] hidden; [B, T, D] rows are "
+                             "already the sequences")
+        sequence_ids = check_tensor("sequence_ids", sequence_ids)
+        if tuple(sequence_ids.shape) != lead or sequence_ids.dtype.is_floating_point:
+            raise ValueError(f"sequence_ids must be an integer tensor of shape {lead}, got "
+                             f"{sequence_ids.dtype} {tuple(sequence_ids.shape)}")
+    valid = check_mask(mask, lead, device)
+    if valid is None:
+        valid = torch.ones(lead, dtype=torch.bool, device=device)
+
+    scores = fused_linear_logprobs(hidden, weight, ids, bias=bias, mask=mask,
+                                   temperature=temperature, return_entropy=return_entropy,
+                                   backend=backend)
+    logp = scores.logprobs if return_entropy else scores
+    weights = _token_weights(valid, loss_type, batched, sequence_ids, max_length)
+
+    use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda
+                                         and hidden.dtype != torch.float64)
+    if use_triton:
+        from . import policy_loss_triton
+        terms_fn = policy_loss_triton.policy_token_terms
+    else:
+        terms_fn = policy_loss_reference.policy_token_terms
+    options = {"beta": beta, "kl_estimator": kl_estimator,
+               "clip_eps_low": float(clip_eps_low), "clip_eps_high": float(clip_eps_high)}
+    flat = [None if t is None else t.reshape(-1)
+            for t in (logp, old_logprobs, ref_logprobs, advantages, weights, valid)]
+    loss, ratio, kl, clipped = _PolicyTokenLossFn.apply(*flat, options, terms_fn)
+    stats = PolicyLossStats(
+        logprobs=logp,
+        ratio=ratio.reshape(lead),
+        kl=None if kl is None else kl.reshape(lead),
+        clipped=clipped.reshape(lead),
+        entropy=scores.entropy if return_entropy else None,
+    )
+    return loss, stats
