@@ -28,11 +28,18 @@ def native_extensions():
     if not sources:
         return [], {}
     openmp = ["-fopenmp"] if os.name != "nt" else ["/openmp"]
+    link_args = list(openmp)
+    if os.name != "nt":
+        # Record torch's library folder so `import rba_core._C` finds libc10 / libtorch even
+        # when torch has not been imported first.
+        from torch.utils.cpp_extension import library_paths
+
+        link_args += [f"-Wl,-rpath,{path}" for path in library_paths()]
     extension = CppExtension(
         name="rba_core._C",
         sources=sources,
         extra_compile_args={"cxx": ["-O3", *openmp]},
-        extra_link_args=openmp,
+        extra_link_args=link_args,
     )
     return [extension], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
