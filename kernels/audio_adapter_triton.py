@@ -80,6 +80,8 @@ def _stack_norm_linear1_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64: M * width may pass 2**31 for long batches.
+    rows64 = rows.to(tl.int64)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols_n < H
     dot_ty = tl.float32 if UPCAST else w1_ptr.dtype.element_ty
@@ -118,7 +120,7 @@ def _stack_norm_linear1_kernel(
             gate += tl.load(b1_ptr + H + cols_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         act = u * (gate / (1.0 + tl.exp(-gate)))
         if SAVE_U:
-            u_ptrs = u_ptr + rows[:, None] * n1 + cols_n[None, :]
+            u_ptrs = u_ptr + rows64[:, None] * n1 + cols_n[None, :]
             tl.store(u_ptrs, u, mask=omask)
             tl.store(u_ptrs + H, gate, mask=omask)
     else:
@@ -127,8 +129,8 @@ def _stack_norm_linear1_kernel(
         else:
             act = tl.maximum(u, 0.0)
         if SAVE_U:
-            tl.store(u_ptr + rows[:, None] * H + cols_n[None, :], u, mask=omask)
-    a_ptrs = a_ptr + rows[:, None] * H + cols_n[None, :]
+            tl.store(u_ptr + rows64[:, None] * H + cols_n[None, :], u, mask=omask)
+    a_ptrs = a_ptr + rows64[:, None] * H + cols_n[None, :]
     tl.store(a_ptrs, act.to(a_ptr.dtype.element_ty), mask=omask)
 
 
@@ -148,6 +150,7 @@ def _matmul_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
     nmask = cols < N
@@ -157,7 +160,7 @@ def _matmul_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         a = tl.load(
-            a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+            a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
             mask=rmask[:, None] & kmask[None, :], other=0.0,
         ).to(dot_ty)
         b = tl.load(
@@ -170,26 +173,26 @@ def _matmul_kernel(
     omask = rmask[:, None] & nmask[None, :]
     out_ty = c_ptr.dtype.element_ty
     if EPILOGUE == -1:
-        tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ty), mask=omask)
+        tl.store(c_ptr + rows64[:, None] * N + cols[None, :], acc.to(out_ty), mask=omask)
     elif EPILOGUE == 0:
-        u_ptrs = u_ptr + rows[:, None] * (2 * N) + cols[None, :]
+        u_ptrs = u_ptr + rows64[:, None] * (2 * N) + cols[None, :]
         ux = tl.load(u_ptrs, mask=omask, other=0.0).to(tl.float32)
         ug = tl.load(u_ptrs + N, mask=omask, other=0.0).to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-ug))
         silu = ug * sig
         d_x = acc * silu
         d_gate = acc * ux * sig * (1.0 + ug * (1.0 - sig))
-        c_ptrs = c_ptr + rows[:, None] * (2 * N) + cols[None, :]
+        c_ptrs = c_ptr + rows64[:, None] * (2 * N) + cols[None, :]
         tl.store(c_ptrs, d_x.to(out_ty), mask=omask)
         tl.store(c_ptrs + N, d_gate.to(out_ty), mask=omask)
     else:
-        u = tl.load(u_ptr + rows[:, None] * N + cols[None, :], mask=omask, other=0.0)
+        u = tl.load(u_ptr + rows64[:, None] * N + cols[None, :], mask=omask, other=0.0)
         u = u.to(tl.float32)
         if EPILOGUE == 1:
             du = acc * _gelu_grad(u)
         else:
             du = tl.where(u > 0.0, acc, 0.0)
-        tl.store(c_ptr + rows[:, None] * N + cols[None, :], du.to(out_ty), mask=omask)
+        tl.store(c_ptr + rows64[:, None] * N + cols[None, :], du.to(out_ty), mask=omask)
 
 
 @triton.jit
@@ -200,12 +203,13 @@ def _postnorm_scatter_kernel(
     """out[row m] = v[m] * rstd(v[m]) * g2, written at out + out_off[m]; v is fp32 [M, D]."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     rmask = rows < M
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         m2 = rmask[:, None] & (ds < D)[None, :]
-        v = tl.load(v_ptr + rows[:, None] * D + ds[None, :], mask=m2, other=0.0)
+        v = tl.load(v_ptr + rows64[:, None] * D + ds[None, :], mask=m2, other=0.0)
         sumsq += tl.sum(v * v, axis=1)
     rstd = 1.0 / tl.sqrt(sumsq / D + eps)
     tl.store(r2_ptr + rows, rstd, mask=rmask)
@@ -214,7 +218,7 @@ def _postnorm_scatter_kernel(
         ds = d0 + tl.arange(0, BLOCK_D)
         dmask = ds < D
         m2 = rmask[:, None] & dmask[None, :]
-        v = tl.load(v_ptr + rows[:, None] * D + ds[None, :], mask=m2, other=0.0)
+        v = tl.load(v_ptr + rows64[:, None] * D + ds[None, :], mask=m2, other=0.0)
         g = tl.load(g2_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
         y = v * rstd[:, None] * g[None, :]
         tl.store(out_ptr + off[:, None] + ds[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
@@ -229,6 +233,7 @@ def _postnorm_bwd_kernel(
     from the [B, T_out, D] gradient at the packed rows' places."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     rmask = rows < M
     rstd = tl.load(r2_ptr + rows, mask=rmask, other=0.0)
     dot_qv = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -238,7 +243,7 @@ def _postnorm_bwd_kernel(
         m2 = rmask[:, None] & dmask[None, :]
         dout = _load_rows(dout_ptr, out_off_ptr, out_lim_ptr, rows, ds, M, D).to(tl.float32)
         g = tl.load(g2_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + rows[:, None] * D + ds[None, :], mask=m2, other=0.0)
+        v = tl.load(v_ptr + rows64[:, None] * D + ds[None, :], mask=m2, other=0.0)
         dot_qv += tl.sum(dout * g[None, :] * v, axis=1)
     coef = dot_qv * rstd * rstd * rstd / D
     for d0 in range(0, D, BLOCK_D):
@@ -247,9 +252,9 @@ def _postnorm_bwd_kernel(
         m2 = rmask[:, None] & dmask[None, :]
         dout = _load_rows(dout_ptr, out_off_ptr, out_lim_ptr, rows, ds, M, D).to(tl.float32)
         g = tl.load(g2_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + rows[:, None] * D + ds[None, :], mask=m2, other=0.0)
+        v = tl.load(v_ptr + rows64[:, None] * D + ds[None, :], mask=m2, other=0.0)
         dv = rstd[:, None] * dout * g[None, :] - v * coef[:, None]
-        tl.store(dv_ptr + rows[:, None] * D + ds[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
+        tl.store(dv_ptr + rows64[:, None] * D + ds[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -261,6 +266,7 @@ def _prenorm_bwd_kernel(
     stacking tail has no frames behind it; the caller zero-fills dx elsewhere)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     rmask = rows < M
     rstd = tl.load(r1_ptr + rows, mask=rmask, other=0.0)
     off = tl.load(off_ptr + rows, mask=rmask, other=0)
@@ -269,7 +275,7 @@ def _prenorm_bwd_kernel(
     for k0 in range(0, K1, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K1
-        dy = tl.load(dy_ptr + rows[:, None] * K1 + ks[None, :],
+        dy = tl.load(dy_ptr + rows64[:, None] * K1 + ks[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
         g = tl.load(g1_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
         x = _load_rows(x_ptr, off_ptr, lim_ptr, rows, ks, M, K1).to(tl.float32)
@@ -278,7 +284,7 @@ def _prenorm_bwd_kernel(
     for k0 in range(0, K1, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K1
-        dy = tl.load(dy_ptr + rows[:, None] * K1 + ks[None, :],
+        dy = tl.load(dy_ptr + rows64[:, None] * K1 + ks[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
         g = tl.load(g1_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
         x = _load_rows(x_ptr, off_ptr, lim_ptr, rows, ks, M, K1).to(tl.float32)
@@ -310,8 +316,9 @@ def _wgrad_kernel(
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M)
+        ms64 = ms.to(tl.int64)
         mmask = ms < M
-        gt = tl.load(g_ptr + ms[None, :] * N + ns[:, None],
+        gt = tl.load(g_ptr + ms64[None, :] * N + ns[:, None],
                      mask=nmask[:, None] & mmask[None, :], other=0.0)
         if HAS_BIAS:
             bias_acc += tl.sum(gt.to(tl.float32), axis=1)
@@ -320,7 +327,7 @@ def _wgrad_kernel(
             r = tl.load(r_ptr + ms, mask=mmask, other=0.0)
             x = x * r[:, None]
         else:
-            x = tl.load(x_ptr + ms[:, None] * K + ks[None, :],
+            x = tl.load(x_ptr + ms64[:, None] * K + ks[None, :],
                         mask=mmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(gt.to(dot_ty), x.to(dot_ty), acc, input_precision=F32_PREC)
     if GATHER_X:
@@ -345,8 +352,9 @@ def _norm_weight_grad_kernel(
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M)
+        ms64 = ms.to(tl.int64)
         mmask = ms < M
-        p = tl.load(p_ptr + ms[:, None] * K + ks[None, :],
+        p = tl.load(p_ptr + ms64[:, None] * K + ks[None, :],
                     mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         q = _load_rows(q_ptr, off_ptr, lim_ptr, ms, ks, M, K).to(tl.float32)
         r = tl.load(r_ptr + ms, mask=mmask, other=0.0)
@@ -491,50 +499,57 @@ def _sig(kernel, types: dict, constexprs: dict) -> dict:
 
 
 def compile_specs() -> list[tuple[object, dict, dict]]:
-    """One spec per kernel and variant, in bf16 and fp32, with GPU-sized blocks."""
+    """Every kernel and constexpr branch in bf16 (the training dtype), plus the fp32 variants of
+    the tl.dot kernels, with GPU-sized blocks. Kept small: each spec costs a full compile."""
     specs = []
-    for dt in ("bf16", "fp32"):
-        p = f"*{dt}"
-        for act in (ACT_SWIGLU, ACT_GELU, ACT_RELU):
-            ce = dict(ACT=act, HAS_BIAS=True, SAVE_U=True, UPCAST=False, F32_PREC="ieee",
-                      BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-            types = dict(x_ptr=p, off_ptr="*i64", lim_ptr="*i32", g1_ptr=p, w1_ptr=p, b1_ptr=p,
-                         u_ptr="*fp32", a_ptr=p, r1_ptr="*fp32", M="i32", K1="i32", H="i32",
-                         stride_w1n="i32", stride_w1k="i32", eps="fp32")
-            specs.append((_stack_norm_linear1_kernel, _sig(_stack_norm_linear1_kernel, types, ce), ce))
-            ce = dict(EPILOGUE=act, HAS_BIAS=False, UPCAST=False, F32_PREC="ieee",
-                      BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-            types = dict(a_ptr=p, b_ptr=p, bias_ptr=p, c_ptr=p, u_ptr="*fp32", M="i32", N="i32",
-                         K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32",
-                         stride_bn="i32")
-            specs.append((_matmul_kernel, _sig(_matmul_kernel, types, ce), ce))
-        for has_bias in (True, False):
-            ce = dict(EPILOGUE=EPILOGUE_NONE, HAS_BIAS=has_bias, UPCAST=False, F32_PREC="ieee",
-                      BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-            types = dict(a_ptr=p, b_ptr=p, bias_ptr=p, c_ptr="*fp32", u_ptr="*fp32", M="i32",
-                         N="i32", K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32",
-                         stride_bn="i32")
-            specs.append((_matmul_kernel, _sig(_matmul_kernel, types, ce), ce))
-        ce = dict(BLOCK_M=16, BLOCK_D=128)
-        types = dict(v_ptr="*fp32", g2_ptr=p, out_ptr=p, out_off_ptr="*i64", r2_ptr="*fp32",
-                     M="i32", D="i32", eps="fp32")
-        specs.append((_postnorm_scatter_kernel, _sig(_postnorm_scatter_kernel, types, ce), ce))
-        types = dict(dout_ptr=p, out_off_ptr="*i64", out_lim_ptr="*i32", v_ptr="*fp32",
-                     r2_ptr="*fp32", g2_ptr=p, dv_ptr=p, M="i32", D="i32")
-        specs.append((_postnorm_bwd_kernel, _sig(_postnorm_bwd_kernel, types, ce), ce))
-        ce = dict(BLOCK_M=16, BLOCK_K=128)
-        types = dict(dy_ptr="*fp32", x_ptr=p, off_ptr="*i64", lim_ptr="*i32", r1_ptr="*fp32",
-                     g1_ptr=p, dx_ptr=p, M="i32", K1="i32")
-        specs.append((_prenorm_bwd_kernel, _sig(_prenorm_bwd_kernel, types, ce), ce))
-        for gather in (True, False):
-            ce = dict(GATHER_X=gather, HAS_BIAS=True, UPCAST=False, F32_PREC="ieee",
-                      BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)
-            types = dict(g_ptr=p, x_ptr=p, off_ptr="*i64", lim_ptr="*i32", r_ptr="*fp32",
-                         colscale_ptr=p, dw_ptr=p, db_ptr=p, M="i32", N="i32", K="i32")
-            specs.append((_wgrad_kernel, _sig(_wgrad_kernel, types, ce), ce))
-        ce = dict(BLOCK_M=32, BLOCK_K=128)
-        for p_ty in ("*fp32", p):
-            types = dict(p_ptr=p_ty, q_ptr=p, off_ptr="*i64", lim_ptr="*i32", r_ptr="*fp32",
-                         out_ptr=p, M="i32", K="i32")
-            specs.append((_norm_weight_grad_kernel, _sig(_norm_weight_grad_kernel, types, ce), ce))
+
+    def add(kernel, types, constexprs):
+        specs.append((kernel, _sig(kernel, types, constexprs), constexprs))
+
+    dot_blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    for p, acts in (("*bf16", (ACT_SWIGLU, ACT_GELU, ACT_RELU)), ("*fp32", (ACT_SWIGLU,))):
+        for act in acts:
+            add(_stack_norm_linear1_kernel,
+                dict(x_ptr=p, off_ptr="*i64", lim_ptr="*i32", g1_ptr=p, w1_ptr=p, b1_ptr=p,
+                     u_ptr="*fp32", a_ptr=p, r1_ptr="*fp32", M="i32", K1="i32", H="i32",
+                     stride_w1n="i32", stride_w1k="i32", eps="fp32"),
+                dict(ACT=act, HAS_BIAS=True, SAVE_U=True, UPCAST=False, F32_PREC="ieee",
+                     **dot_blocks))
+            add(_matmul_kernel,
+                dict(a_ptr=p, b_ptr=p, bias_ptr=p, c_ptr=p, u_ptr="*fp32", M="i32", N="i32",
+                     K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32",
+                     stride_bn="i32"),
+                dict(EPILOGUE=act, HAS_BIAS=False, UPCAST=False, F32_PREC="ieee", **dot_blocks))
+        add(_matmul_kernel,
+            dict(a_ptr=p, b_ptr=p, bias_ptr=p, c_ptr="*fp32", u_ptr="*fp32", M="i32", N="i32",
+                 K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32"),
+            dict(EPILOGUE=EPILOGUE_NONE, HAS_BIAS=True, UPCAST=False, F32_PREC="ieee",
+                 **dot_blocks))
+        add(_wgrad_kernel,
+            dict(g_ptr=p, x_ptr=p, off_ptr="*i64", lim_ptr="*i32", r_ptr="*fp32",
+                 colscale_ptr=p, dw_ptr=p, db_ptr=p, M="i32", N="i32", K="i32"),
+            dict(GATHER_X=True, HAS_BIAS=True, UPCAST=False, F32_PREC="ieee",
+                 BLOCK_M=32, BLOCK_N=64, BLOCK_K=64))
+    p = "*bf16"
+    add(_wgrad_kernel,
+        dict(g_ptr=p, x_ptr=p, off_ptr="*i64", lim_ptr="*i32", r_ptr="*fp32", colscale_ptr=p,
+             dw_ptr=p, db_ptr=p, M="i32", N="i32", K="i32"),
+        dict(GATHER_X=False, HAS_BIAS=False, UPCAST=False, F32_PREC="ieee",
+             BLOCK_M=32, BLOCK_N=64, BLOCK_K=64))
+    add(_postnorm_scatter_kernel,
+        dict(v_ptr="*fp32", g2_ptr=p, out_ptr=p, out_off_ptr="*i64", r2_ptr="*fp32", M="i32",
+             D="i32", eps="fp32"),
+        dict(BLOCK_M=16, BLOCK_D=128))
+    add(_postnorm_bwd_kernel,
+        dict(dout_ptr=p, out_off_ptr="*i64", out_lim_ptr="*i32", v_ptr="*fp32", r2_ptr="*fp32",
+             g2_ptr=p, dv_ptr=p, M="i32", D="i32"),
+        dict(BLOCK_M=16, BLOCK_D=128))
+    add(_prenorm_bwd_kernel,
+        dict(dy_ptr="*fp32", x_ptr=p, off_ptr="*i64", lim_ptr="*i32", r1_ptr="*fp32",
+             g1_ptr=p, dx_ptr=p, M="i32", K1="i32"),
+        dict(BLOCK_M=16, BLOCK_K=128))
+    add(_norm_weight_grad_kernel,
+        dict(p_ptr="*fp32", q_ptr=p, off_ptr="*i64", lim_ptr="*i32", r_ptr="*fp32", out_ptr=p,
+             M="i32", K="i32"),
+        dict(BLOCK_M=32, BLOCK_K=128))
     return specs
