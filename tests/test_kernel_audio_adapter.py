@@ -22,7 +22,7 @@ E, H, D = 24, 40, 36
 PARAM_NAMES = ["ln_pre.weight", "linear_1.weight", "linear_1.bias", "linear_2.weight",
                "linear_2.bias", "ln_post.weight"]
 # Relative Frobenius error allowed against float64, given the same (dtype-rounded) weights.
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def _config(activation="swiglu", k=3, bias=True):
@@ -94,6 +94,13 @@ def test_triton_matches_float64_reference(activation, dtype):
     lengths = [13, 5, 1]
     frames = _frames(3, 13, lengths, dtype)
     _check_against_reference(fused, ref, frames, lengths, dtype, backend="triton")
+
+
+def test_triton_float16_runs_the_same_kernels():
+    fused, ref = _pair(_config("swiglu", k=3), torch.float16)
+    lengths = [8, 13]
+    frames = _frames(2, 13, lengths, torch.float16)
+    _check_against_reference(fused, ref, frames, lengths, torch.float16, backend="triton")
 
 
 def test_triton_stack_8_without_bias_frozen_frames_and_empty_sample():
