@@ -162,9 +162,10 @@ def shared_prefix_hidden(model: torch.nn.Module, prompts: Sequence[torch.Tensor]
 def shared_prefix_logprobs(model: torch.nn.Module, prompts: Sequence[torch.Tensor],
                            continuations: torch.Tensor | Sequence[Sequence[torch.Tensor]],
                            lengths: torch.Tensor | None = None, *, temperature: float = 1.0,
-                           return_entropy: bool = False) -> ScoreBatch:
+                           return_entropy: bool = False, backend: str = "auto") -> ScoreBatch:
     """Per-token log-probs ``[B, G, T]`` of the continuations through the fused token-score op
-    (no ``[N, V]`` logits), differentiable: the training forward with a shared prefix."""
+    (no ``[N, V]`` logits), differentiable: the training forward with a shared prefix.
+    ``backend`` goes to ``fused_linear_logprobs``."""
     from rba_core.kernels import fused_linear_logprobs
 
     weight = model.model.embed_tokens.weight
@@ -175,10 +176,10 @@ def shared_prefix_logprobs(model: torch.nn.Module, prompts: Sequence[torch.Tenso
     mask = torch.arange(T, device=hidden.device) < lengths[..., None]
     result = fused_linear_logprobs(hidden.reshape(B * G, T, D), model.lm_head_weight,
                                    ids.reshape(B * G, T), mask=mask.reshape(B * G, T),
-                                   temperature=temperature, return_entropy=return_entropy)
+                                   temperature=temperature, return_entropy=return_entropy,
+                                   backend=backend)
     if return_entropy:
-        logp, entropy = result
-        entropy = entropy.reshape(B, G, T).masked_fill(~mask, 0.0)
+        logp, entropy = result.logprobs, result.entropy.reshape(B, G, T).masked_fill(~mask, 0.0)
     else:
         logp, entropy = result, None
     return ScoreBatch(logp.reshape(B, G, T).masked_fill(~mask, 0.0), entropy, mask)
@@ -222,9 +223,11 @@ class RolloutEngine:
         return self.model.model.embed_tokens.weight.device
 
     def _cache_for(self, B: int, P: int, S: int, T: int) -> SharedPrefixKVCache:
-        if self.cache is None or not self.cache.fits(B, P, S, T):
+        weight = self.model.model.embed_tokens.weight
+        if (self.cache is None or not self.cache.fits(B, P, S, T)
+                or self.cache.prefix_k.dtype != weight.dtype
+                or self.cache.prefix_k.device != weight.device):
             config = self.model.config
-            weight = self.model.model.embed_tokens.weight
             self.cache = None
             self._graphs.clear()
             self.cache = SharedPrefixKVCache.allocate(
