@@ -97,7 +97,9 @@ class _SentencePieceBackend:
             for i in range(pieces)
             if self._sp.IsControl(i) or self._sp.IsUnknown(i)
         }
-        self._added: dict[str, int] = {}
+        # Control pieces (<s>, </s>) and <unk> written in text, as chat templates do, must map
+        # to their ids; sentencepiece alone would spell them out as characters.
+        self._added: dict[str, int] = {piece: index for index, piece in self.special.items()}
         for key, entry in (config.get("added_tokens_decoder") or {}).items():
             content = _token_text(entry)
             if content is None:
