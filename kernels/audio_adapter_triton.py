@@ -43,9 +43,6 @@ EPILOGUE_NONE = -1
 
 ACTIVATION_CODES = {"swiglu": ACT_SWIGLU, "gelu": ACT_GELU, "relu": ACT_RELU}
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
 
 @triton.jit
 def _load_rows(base, off_ptr, lim_ptr, rows, cols, M, K):
@@ -60,6 +57,7 @@ def _load_rows(base, off_ptr, lim_ptr, rows, cols, M, K):
 
 @triton.jit
 def _gelu(z):
+    # Exact (erf) GELU, as Ultravox's "gelu"; the constants are 1/sqrt(2) and 1/sqrt(2*pi).
     return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
 
 
