@@ -165,6 +165,9 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     keep = None if mask is None else mask.reshape(-1)
     s_rows = _rows(student_hidden, keep)
     t_rows = _rows(teacher_hidden.detach(), keep)
+    if s_rows.shape[0] == 0:
+        # Nothing counts: the PyTorch path returns the empty rows without launching anything.
+        impl = _reference
     loss_rows = _DistillRows.apply(s_rows, student_weight.contiguous(), t_rows,
                                    teacher_weight.detach().contiguous(), impl,
                                    float(temperature), kind, float(jsd_beta))

@@ -14,6 +14,7 @@ from rba_core.kernels import fused_linear_distill_loss
 from rba_core.kernels import linear_distill as ld
 from rba_core.kernels import linear_distill_reference as ref
 from rba_core.kernels import linear_distill_triton as tri
+from rba_core.kernels import native
 
 N, DS, DT, V = 29, 40, 24, 157
 # Small tiles so every dimension has a ragged last block (29 rows, 157 columns, 40/24 wide).
@@ -226,6 +227,38 @@ def test_auto_on_cpu_without_native_uses_the_torch_fallback(monkeypatch):
     auto = fused_linear_distill_loss(sh, sw, th, tw, kind="jsd")
     forced = fused_linear_distill_loss(sh, sw, th, tw, kind="jsd", backend="torch")
     assert torch.equal(auto, forced)
+
+
+def test_auto_on_cpu_prefers_the_native_op_when_built(monkeypatch):
+    fake = object()
+    monkeypatch.setattr(ld, "_native", lambda: fake)
+    assert ld._select_backend("auto", torch.device("cpu")) is fake
+    assert ld._select_backend("torch", torch.device("cpu")) is ref
+    assert ld._select_backend("triton", torch.device("cpu")) is tri
+
+
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3)], ids=["rkl", "jsd"])
+def test_native_backend_through_the_public_function(kind, beta):
+    sh, sw, th, tw = _inputs(torch.float32, n=2 * 9)
+    sh, th = sh.reshape(2, 9, DS), th.reshape(2, 9, DT)
+    mask = torch.rand(2, 9) > 0.3
+    if not native.available():
+        with pytest.raises(RuntimeError, match="not built"):
+            fused_linear_distill_loss(sh, sw, th, tw, mask, kind=kind, backend="native")
+        return
+    s_leaf, w_leaf = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
+    loss = fused_linear_distill_loss(s_leaf, w_leaf, th, tw, mask, kind=kind, jsd_beta=beta,
+                                     temperature=1.4, reduction="sum", backend="native")
+    loss.backward()
+    keep = mask.reshape(-1)
+    s64, w64 = sh.double().requires_grad_(True), sw.double().requires_grad_(True)
+    rows, _, _ = ref.distill_forward(s64.reshape(-1, DS)[keep], w64,
+                                     th.double().reshape(-1, DT)[keep], tw.double(), 1.4, kind,
+                                     beta)
+    rows.sum().backward()
+    _close(loss.reshape(1), rows.sum().detach().reshape(1), torch.float32, "loss")
+    _close(s_leaf.grad, s64.grad, torch.float32, "grad_hidden")
+    _close(w_leaf.grad, w64.grad, torch.float32, "grad_weight")
 
 
 def _bad_cases():
