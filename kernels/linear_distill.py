@@ -13,6 +13,7 @@ requires_grad=True gets no gradient and keeps no graph alive.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -43,6 +44,12 @@ def _native() -> ModuleType | None:
 def _select_backend(backend: str, device: torch.device):
     if backend == "torch":
         return _reference
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton" and device.type != "cuda" and not interpreting:
+        raise RuntimeError(
+            f"backend='triton' got {device.type} tensors: Triton runs CUDA tensors, or CPU "
+            "tensors under its interpreter (set TRITON_INTERPRET=1 before importing triton); "
+            "use backend='auto' on the CPU")
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         from rba_core.kernels import linear_distill_triton
         return linear_distill_triton
