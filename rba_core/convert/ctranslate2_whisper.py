@@ -159,7 +159,12 @@ def whisper_state_dict(model: CT2Model, source: str = "model.bin") -> tuple[dict
             f"{source}: the model is int8-quantized ({quantized[0]}); export it with "
             "--quantization float16 or float32"
         )
-    expected_flags = {"decoder/activation": CT2_ACTIVATION_GELU, "decoder/pre_norm": 1, "decoder/alibi": 0}
+    expected_flags = {
+        "decoder/activation": CT2_ACTIVATION_GELU,
+        "decoder/pre_norm": 1,
+        "decoder/alibi": 0,
+        "decoder/scale_embeddings": 0,
+    }
     for name, value in expected_flags.items():
         if name in v and model.flag(name) != value:
             raise ConversionError(f"{source}: flag '{name}' is {model.flag(name)}, Whisper needs {value}")
