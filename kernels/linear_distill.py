@@ -53,6 +53,11 @@ def _select_backend(backend: str, device: torch.device):
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         from rba_core.kernels import linear_distill_triton
         return linear_distill_triton
+    if backend == "native" and device.type != "cpu":
+        raise RuntimeError(f"backend='native' is the CPU op and got {device.type} tensors; "
+                           "use backend='auto' (Triton on CUDA)")
+    if device.type != "cpu":
+        return _reference
     native = _native()
     if backend == "native":
         if native is None:
@@ -61,8 +66,6 @@ def _select_backend(backend: str, device: torch.device):
                 "built just in time; reinstall with `pip install --no-build-isolation -e .` "
                 "or use backend='auto' to fall back to PyTorch")
         return native
-    if device.type != "cpu":
-        return _reference
     return native if native is not None else _reference
 
 

@@ -235,6 +235,9 @@ def test_auto_on_cpu_prefers_the_native_op_when_built(monkeypatch):
     assert ld._select_backend("auto", torch.device("cpu")) is fake
     assert ld._select_backend("torch", torch.device("cpu")) is ref
     assert ld._select_backend("triton", torch.device("cpu")) is tri
+    assert ld._select_backend("auto", torch.device("meta")) is ref
+    with pytest.raises(RuntimeError, match="CPU op"):
+        ld._select_backend("native", torch.device("meta"))
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ld._select_backend("triton", torch.device("cpu"))
