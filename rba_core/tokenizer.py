@@ -29,7 +29,9 @@ END_OF_TURN_TOKENS = (
     "</s>",
 )
 
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+SPECIAL_TOKEN_KEYS = (
+    "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
+)
 
 
 def _token_text(value: Any) -> str | None:
@@ -57,8 +59,11 @@ class _TokenizersBackend:
         try:
             self._tk = HFTokenizer.from_file(str(path))
         except Exception as error:  # noqa: BLE001 - the library raises bare Exceptions
-            raise TokenizerError(f"{path} cannot be loaded by the tokenizers library: {error}") from error
-        self.special = {i: t.content for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+            raise TokenizerError(
+                f"{path} cannot be loaded by the tokenizers library: {error}"
+            ) from error
+        added = self._tk.get_added_tokens_decoder()
+        self.special = {i: t.content for i, t in added.items() if t.special}
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tk.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -269,7 +274,9 @@ class Tokenizer:
         config_path = root / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
         if (root / "tokenizer.json").is_file():
-            backend: _TokenizersBackend | _SentencePieceBackend = _TokenizersBackend(root / "tokenizer.json")
+            backend: _TokenizersBackend | _SentencePieceBackend = _TokenizersBackend(
+                root / "tokenizer.json"
+            )
         elif (root / "tokenizer.model").is_file():
             backend = _SentencePieceBackend(root / "tokenizer.model", config)
         else:
@@ -337,7 +344,9 @@ class Tokenizer:
             try:
                 self._compiled = _compile_template(self.chat_template)
             except TemplateError as error:
-                raise TokenizerError(f"the chat template of {self.folder} does not compile: {error}") from error
+                raise TokenizerError(
+                    f"the chat template of {self.folder} does not compile: {error}"
+                ) from error
         variables = dict(self.special_tokens)
         variables.update(template_kwargs)
         return self._compiled.render(

@@ -31,7 +31,9 @@ SUPPORTED_VERSION = 6
 SUPPORTED_SPEC = "WhisperSpec"
 
 # CTranslate2's DataType enumeration, in order.
-CT2_DTYPES: dict[int, str] = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
+CT2_DTYPES: dict[int, str] = {
+    0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16",
+}
 
 # CTranslate2's ActivationType enumeration: Whisper uses exact (erf) GELU.
 CT2_ACTIVATION_GELU = 3
@@ -103,7 +105,9 @@ def parse_ctranslate2(data: bytes | memoryview, source: str = "model.bin") -> CT
         (nbytes,) = cursor.unpack("<I", f"the size of '{name}'")
         dtype = CT2_DTYPES.get(dtype_id)
         if dtype is None:
-            raise ConversionError(f"{source}: variable '{name}' has unknown CTranslate2 dtype {dtype_id}")
+            raise ConversionError(
+                f"{source}: variable '{name}' has unknown CTranslate2 dtype {dtype_id}"
+            )
         raw = cursor.take(nbytes, f"the data of '{name}'")
         if dtype == "bfloat16":
             values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
@@ -139,13 +143,16 @@ def read_ctranslate2(paths: str | Path | Sequence[str | Path]) -> CT2Model:
 
 
 def _layer_count(variables: dict[str, np.ndarray], stack: str) -> int:
-    indices = {int(m.group(1)) for name in variables if (m := re.match(rf"{stack}/layer_(\d+)/", name))}
+    pattern = re.compile(rf"{stack}/layer_(\d+)/")
+    indices = {int(m.group(1)) for name in variables if (m := pattern.match(name))}
     if not indices or indices != set(range(len(indices))):
         raise ConversionError(f"CTranslate2 model has no contiguous {stack} layers")
     return len(indices)
 
 
-def whisper_state_dict(model: CT2Model, source: str = "model.bin") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def whisper_state_dict(
+    model: CT2Model, source: str = "model.bin"
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Hugging Face Whisper tensors (views in the stored dtype) and the architecture numbers."""
     if model.spec != SUPPORTED_SPEC:
         raise ConversionError(
@@ -167,7 +174,9 @@ def whisper_state_dict(model: CT2Model, source: str = "model.bin") -> tuple[dict
     }
     for name, value in expected_flags.items():
         if name in v and model.flag(name) != value:
-            raise ConversionError(f"{source}: flag '{name}' is {model.flag(name)}, Whisper needs {value}")
+            raise ConversionError(
+                f"{source}: flag '{name}' is {model.flag(name)}, Whisper needs {value}"
+            )
 
     used: set[str] = set()
 
@@ -191,7 +200,9 @@ def whisper_state_dict(model: CT2Model, source: str = "model.bin") -> tuple[dict
         weight = get(f"{src}/weight")
         bias = get(f"{src}/bias")
         if weight.shape[0] % len(names):
-            raise ConversionError(f"{source}: fused '{src}' does not split into {len(names)} blocks")
+            raise ConversionError(
+                f"{source}: fused '{src}' does not split into {len(names)} blocks"
+            )
         for name, w, b in zip(names, np.split(weight, len(names)), np.split(bias, len(names))):
             out[f"{dst}.{name}.weight"] = w
             # Whisper's key projection has no bias; CTranslate2 stores zeros. Dropping any key
@@ -239,7 +250,8 @@ def whisper_state_dict(model: CT2Model, source: str = "model.bin") -> tuple[dict
     leftover = sorted(name for name in v if name not in used and v[name].ndim > 0)
     if leftover:
         raise ConversionError(
-            f"{source}: CTranslate2 variables with no Whisper counterpart: {', '.join(leftover[:5])}"
+            f"{source}: CTranslate2 variables with no Whisper counterpart: "
+            f"{', '.join(leftover[:5])}"
         )
 
     d_model = out["model.encoder.conv1.weight"].shape[0]
@@ -319,7 +331,9 @@ def whisper_configs(
     if multilingual:
         generation["lang_to_id"] = languages
         generation["task_to_id"] = {
-            task: specials[f"<|{task}|>"] for task in ("transcribe", "translate") if f"<|{task}|>" in specials
+            task: specials[f"<|{task}|>"]
+            for task in ("transcribe", "translate")
+            if f"<|{task}|>" in specials
         }
     else:
         generation["forced_decoder_ids"] = [[1, specials["<|notimestamps|>"]]]
@@ -345,7 +359,9 @@ def convert_ctranslate2_whisper(
     tokenizer_dir = Path(tokenizer_dir)
     tokenizer_json = tokenizer_dir / "tokenizer.json"
     if not tokenizer_json.is_file():
-        raise ConversionError(f"{tokenizer_dir} has no tokenizer.json; Whisper needs it to name its special tokens")
+        raise ConversionError(
+            f"{tokenizer_dir} has no tokenizer.json; Whisper needs it to name its special tokens"
+        )
     ct2_config_path = tokenizer_dir / "config.json"
     ct2_config = json.loads(ct2_config_path.read_text()) if ct2_config_path.is_file() else {}
     model = read_ctranslate2(model_paths)

@@ -279,9 +279,8 @@ def build_tokenizer_files(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]
     added = []
     for index, (token, token_type) in enumerate(zip(tokens, types)):
         if token_type in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED):
-            added.append(
-                (index, AddedToken(token, special=token_type == TOKEN_TYPE_CONTROL, normalized=False))
-            )
+            special = token_type == TOKEN_TYPE_CONTROL
+            added.append((index, AddedToken(token, special=special, normalized=False)))
     tokenizer.add_special_tokens([t for _, t in added if t.special])
     tokenizer.add_tokens([t for _, t in added if not t.special])
 
@@ -292,7 +291,8 @@ def build_tokenizer_files(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]
     bos = token_at("tokenizer.ggml.bos_token_id")
     eos = token_at("tokenizer.ggml.eos_token_id")
     template = _field(reader, "tokenizer.chat_template", CHATML_TEMPLATE)
-    extra_special = [t.content for _, t in added if t.special and t.content in ("<|im_start|>", "<|im_end|>")]
+    chat_markers = ("<|im_start|>", "<|im_end|>")
+    extra_special = [t.content for _, t in added if t.special and t.content in chat_markers]
     config = {
         "tokenizer_class": "GPT2Tokenizer",
         # The chat template writes <|im_start|> itself; prepending BOS would double it.
