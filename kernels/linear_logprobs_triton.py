@@ -136,11 +136,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _blocks(block_n: int | None, block_v: int | None, block_d: int | None) -> tuple[int, int, int]:
-    if interpreting():
-        defaults = (16, 64, 32)
-    else:
-        defaults = (64, 128, 64)
+def gpu_blocks(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_D) on a GPU: tensor-core tiles for 16-bit inputs, smaller tiles
+    for float32, whose exact ("ieee") products run on the FMA units."""
+    return (32, 64, 32) if dtype == torch.float32 else (64, 128, 64)
+
+
+def _blocks(dtype: torch.dtype, block_n: int | None, block_v: int | None,
+            block_d: int | None) -> tuple[int, int, int]:
+    defaults = (16, 64, 32) if interpreting() else gpu_blocks(dtype)
     return block_n or defaults[0], block_v or defaults[1], block_d or defaults[2]
 
 
@@ -171,7 +175,7 @@ def token_scores_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         logp, lse, entropy = out
         if with_entropy and entropy is None:
             raise ValueError("out must hold an entropy buffer when with_entropy=True")
-    bn, bv, bd = _blocks(block_n, block_v, block_d)
+    bn, bv, bd = _blocks(hidden.dtype, block_n, block_v, block_d)
     if n:
         token_scores_fwd_kernel[(triton.cdiv(n, bn),)](
             hidden, weight, weight if bias is None else bias, ids, logp, lse,
@@ -197,7 +201,7 @@ def launch_dz(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                          f"{tuple(dz.shape)} with strides {dz.stride()}")
     if grad_entropy is not None and entropy is None:
         raise ValueError("grad_entropy needs the entropy saved by the forward (with_entropy=True)")
-    bn, bv, bd = _blocks(block_n, block_v, block_d)
+    bn, bv, bd = _blocks(hidden.dtype, block_n, block_v, block_d)
     if n:
         token_scores_dz_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
             hidden, weight, weight if bias is None else bias, ids, lse,
@@ -259,28 +263,28 @@ def token_scores_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 def compile_specs() -> list[tuple[object, dict[str, str], dict[str, object]]]:
-    """Kernel variants that compile_check builds for real GPU targets."""
+    """Kernel variants that compile_check builds for real GPU targets: the 16-bit tensor-core
+    path with every optional feature on, and the float32 path with them off."""
     specs = []
-    for ptr in ("*bf16", "*fp32"):
-        precision = "ieee" if ptr == "*fp32" else "tf32"
-        common = {"FP32_DOT": False, "DOT_PRECISION": precision,
-                  "BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}
-        for flag in (False, True):
-            specs.append((
-                token_scores_fwd_kernel,
-                {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "ids_ptr": "*i64", "logp_ptr": "*fp32",
-                 "lse_ptr": "*fp32", "ent_ptr": "*fp32", "N": "i32", "D": "i32", "V": "i32",
-                 "stride_h": "i32", "stride_w": "i32", "scale": "fp32",
-                 **{k: "constexpr" for k in ("HAS_BIAS", "WITH_ENTROPY", *common)}},
-                {"HAS_BIAS": flag, "WITH_ENTROPY": flag, **common},
-            ))
-            specs.append((
-                token_scores_dz_kernel,
-                {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "ids_ptr": "*i64", "lse_ptr": "*fp32",
-                 "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": ptr,
-                 "N": "i32", "D": "i32", "V": "i32", "stride_h": "i32", "stride_w": "i32",
-                 "stride_dz": "i32", "scale": "fp32",
-                 **{k: "constexpr" for k in ("HAS_BIAS", "HAS_GRAD_ENTROPY", *common)}},
-                {"HAS_BIAS": flag, "HAS_GRAD_ENTROPY": flag, **common},
-            ))
+    for dtype, ptr, flag in ((torch.bfloat16, "*bf16", True), (torch.float32, "*fp32", False)):
+        bn, bv, bd = gpu_blocks(dtype)
+        common = {"FP32_DOT": False, "DOT_PRECISION": _dot_precision(dtype),
+                  "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}
+        specs.append((
+            token_scores_fwd_kernel,
+            {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "ids_ptr": "*i64", "logp_ptr": "*fp32",
+             "lse_ptr": "*fp32", "ent_ptr": "*fp32", "N": "i32", "D": "i32", "V": "i32",
+             "stride_h": "i32", "stride_w": "i32", "scale": "fp32",
+             **{k: "constexpr" for k in ("HAS_BIAS", "WITH_ENTROPY", *common)}},
+            {"HAS_BIAS": flag, "WITH_ENTROPY": flag, **common},
+        ))
+        specs.append((
+            token_scores_dz_kernel,
+            {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "ids_ptr": "*i64", "lse_ptr": "*fp32",
+             "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": ptr,
+             "N": "i32", "D": "i32", "V": "i32", "stride_h": "i32", "stride_w": "i32",
+             "stride_dz": "i32", "scale": "fp32",
+             **{k: "constexpr" for k in ("HAS_BIAS", "HAS_GRAD_ENTROPY", *common)}},
+            {"HAS_BIAS": flag, "HAS_GRAD_ENTROPY": flag, **common},
+        ))
     return specs
