@@ -273,3 +273,28 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         call(hidden, weight, ids, backend="triton")
+
+
+def test_auto_backend_dispatch_on_cpu(monkeypatch):
+    """CPU tensors go to the native op when it is available, else to the PyTorch fallback."""
+    from rba_core.kernels import linear_logprobs
+
+    hidden, weight, _, ids = make_inputs(torch.float32, with_bias=False)
+    calls = []
+
+    class FakeNative:
+        @staticmethod
+        def token_scores_forward(*args):
+            calls.append(args)
+            return reference.token_scores_forward(*args)
+
+    monkeypatch.setattr(linear_logprobs, "_native_module", lambda: FakeNative)
+    assert linear_logprobs.resolve_backend("auto", hidden) is FakeNative
+    with torch.no_grad():
+        via_native = fused_linear_logprobs(hidden, weight, ids)
+    assert len(calls) == 1 and torch.equal(via_native, fused_linear_logprobs(
+        hidden, weight, ids, backend="torch"))
+    monkeypatch.setattr(linear_logprobs, "_native_module", lambda: None)
+    assert linear_logprobs.resolve_backend("auto", hidden) is reference
+    with pytest.raises(RuntimeError, match="not built"):
+        linear_logprobs.resolve_backend("native", hidden)
