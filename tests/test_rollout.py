@@ -326,3 +326,25 @@ def test_bad_inputs_give_clear_errors():
         RolloutEngine(model, cuda_graph=True)
     with pytest.raises(ConfigError, match="max_prompt_len must be an integer >= 1"):
         RolloutEngine(model, max_prompt_len=0)
+
+
+def test_finished_samples_leave_the_decode_batch(monkeypatch):
+    from rba_core.rollout import engine as engine_module
+
+    batch_sizes = []
+    real_forward = engine_module.suffix_forward
+
+    def recording_forward(model, embeds, *args, **kwargs):
+        batch_sizes.append(embeds.shape[0])
+        return real_forward(model, embeds, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "suffix_forward", recording_forward)
+    model = tiny_model()
+    engine = RolloutEngine(model, max_prompt_len=16, max_new_tokens=10)
+    batch = engine.generate(ragged_prompts(), 4, SamplingConfig(
+        temperature=1.0, max_new_tokens=10, stop_ids=tuple(range(0, VOCAB, 3))), seeds=[4, 5, 6])
+    # The step after token t runs exactly the samples still going after t.
+    assert len(batch_sizes) == int(batch.lengths.max()) - 1
+    for t, size in enumerate(batch_sizes):
+        assert size == int((batch.lengths > t + 1).sum())
+    assert batch_sizes[-1] < 12
