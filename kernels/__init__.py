@@ -19,6 +19,10 @@ _PUBLIC = {
     "fused_linear_distill_loss": "rba_core.kernels.linear_distill",
     "FusedAudioAdapter": "rba_core.kernels.audio_adapter",
     "AudioAdapter": "rba_core.kernels.audio_adapter",
+    "AudioAdapterConfig": "rba_core.kernels.audio_adapter",
+    "fused_audio_adapter": "rba_core.kernels.audio_adapter",
+    "TokenScores": "rba_core.kernels.linear_logprobs",
+    "PolicyLossStats": "rba_core.kernels.policy_loss",
 }
 
 __all__ = sorted(_PUBLIC)
