@@ -316,3 +316,20 @@ def test_rba_generate_applies_chat_template(checkpoints, tmp_path, capsys):
                      "--system", "w1", "--max-new-tokens", "8"])
     assert code == 0
     assert capsys.readouterr().out.strip() == expected
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+])
+def test_rba_generate_rejects_bad_flags(tmp_path, capsys, flags, fragment):
+    code = cli_main(["generate", "--model", str(tmp_path), "--prompt", "hi", *flags])
+    assert code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_rba_generate_refuses_non_llm_checkpoint(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert cli_main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "model_type 'bert' is not supported" in capsys.readouterr().err
