@@ -6,11 +6,14 @@
 // so BLAS does the heavy lifting, and the log-sum-exp is accumulated online across blocks. The
 // backward ops recompute the tiles from the saved log-sum-exp(s) instead of keeping [N, V].
 //
-// Threading: the tile loop is serial on purpose. Each tile's GEMMs and element-wise passes are
-// parallel inside ATen (OpenMP in standard torch builds), and the row-wise gathers below use
-// at::parallel_for. A serial tile loop means every grad_weight block and grad_hidden chunk is
-// written by exactly one GEMM at a time, so no per-thread gradient copies are needed and the
-// result is deterministic.
+// Threading: one OpenMP region per op (at::parallel_for over torch's intra-op threads), in which
+// workers pull whole work items from a shared counter and run each tile's GEMMs and element-wise
+// ops single-threaded. A forward item is a row chunk swept over the whole vocabulary; a backward
+// item is a vocabulary block swept over all rows, so its rows of grad_weight (and grad_bias)
+// have exactly one writer, while grad_hidden is summed from one fp32 buffer per worker. There
+// are no barriers inside the region, which matters on a shared machine where a descheduled
+// thread would stall every other thread at each barrier. Because items are handed out
+// dynamically, grad_hidden may differ between runs in the last bits (summation order).
 //
 // Built two ways, both from this file: by setup.py as the extension `rba_core._C`, or just in
 // time by kernels/native.py as `rba_native`; TORCH_EXTENSION_NAME names the module in each case.
@@ -23,6 +26,7 @@
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -113,12 +117,10 @@ void gather_targets(const at::Tensor& z, const at::Tensor& ids, int64_t v0, at::
   const int64_t* ip = ids.data_ptr<int64_t>();
   float* tp = tgt.data_ptr<float>();
   const int64_t width = z.size(1), stride = z.stride(0);
-  at::parallel_for(0, z.size(0), 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t c = ip[r] - v0;
-      if (c >= 0 && c < width) tp[r] = zp[r * stride + c];
-    }
-  });
+  for (int64_t r = 0; r < z.size(0); ++r) {
+    const int64_t c = ip[r] - v0;
+    if (c >= 0 && c < width) tp[r] = zp[r * stride + c];
+  }
 }
 
 // dz[r, ids[r] - v0] += add[r] for rows whose id falls in this vocabulary block.
@@ -128,12 +130,10 @@ void scatter_add_targets(at::Tensor& dz, const at::Tensor& ids, int64_t v0,
   const int64_t* ip = ids.data_ptr<int64_t>();
   const float* ap = add.data_ptr<float>();
   const int64_t width = dz.size(1), stride = dz.stride(0);
-  at::parallel_for(0, dz.size(0), 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t c = ip[r] - v0;
-      if (c >= 0 && c < width) dp[r * stride + c] += ap[r];
-    }
-  });
+  for (int64_t r = 0; r < dz.size(0); ++r) {
+    const int64_t c = ip[r] - v0;
+    if (c >= 0 && c < width) dp[r * stride + c] += ap[r];
+  }
 }
 
 // Online log-sum-exp state of a row chunk: lse = m + log(s).
@@ -169,6 +169,35 @@ struct OnlineLse {
 int64_t rows_chunk() { return std::max<int64_t>(1, g_rows_chunk.load()); }
 int64_t vocab_block() { return std::max<int64_t>(1, g_vocab_block.load()); }
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tile extent along a dimension of `total` split over `workers` threads: at most `cap`, but
+// small enough to give each thread about four work items so none sits idle at the end.
+int64_t split_extent(int64_t total, int64_t workers, int64_t cap) {
+  const int64_t even = ceil_div(total, 4 * std::max<int64_t>(workers, 1));
+  return std::max<int64_t>(1, std::min(cap, std::max<int64_t>(even, std::min<int64_t>(cap, 64))));
+}
+
+// Runs fn(item, slot) for every item in [0, n_items) on torch's intra-op threads. Items are
+// handed out one at a time from a shared counter, so a thread descheduled on a busy machine
+// does not leave the others waiting on its share; `slot` (< workers) numbers the calling worker
+// for per-worker buffers. Inside, ATen ops and BLAS run single-threaded (the OpenMP region is
+// not nested), so each tile's work has no barriers of its own.
+template <typename F>
+void parallel_items(int64_t n_items, int64_t workers, const F& fn) {
+  std::atomic<int64_t> next{0}, slots{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // Grad mode is thread-local: worker threads start with it on.
+    at::NoGradGuard no_grad;
+    const int64_t slot = slots++;
+    for (int64_t i = next++; i < n_items; i = next++) fn(i, slot);
+  });
+}
+
+int64_t num_workers(int64_t n_items) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+}
+
 void check_token_inputs(const at::Tensor& hidden, const at::Tensor& weight,
                         const OptTensor& bias, const at::Tensor& ids, double scale,
                         const char* op) {
@@ -200,10 +229,13 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> token_scores_forward(
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({n}, f32), lse = at::empty({n}, f32);
   at::Tensor entropy = with_entropy ? at::empty({n}, f32) : at::Tensor();
-  const int64_t rc = rows_chunk(), vb = vocab_block();
+  const int64_t rc = split_extent(n, at::get_num_threads(), rows_chunk());
+  const int64_t vb = vocab_block();
+  const int64_t n_chunks = ceil_div(n, rc);
 
-  for (int64_t r0 = 0; r0 < n; r0 += rc) {
-    const int64_t r1 = std::min(n, r0 + rc);
+  // Rows are independent, so each worker takes whole row chunks and sweeps the vocabulary.
+  parallel_items(n_chunks, num_workers(n_chunks), [&](int64_t item, int64_t) {
+    const int64_t r0 = item * rc, r1 = std::min(n, r0 + rc);
     at::Tensor h32 = as_f32(hidden.slice(0, r0, r1));
     at::Tensor ids_c = ids.slice(0, r0, r1);
     at::Tensor tgt = at::zeros({r1 - r0}, f32);
@@ -220,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> token_scores_forward(
       at::Tensor e;
       at::Tensor alpha = acc.update(z, e);
       if (with_entropy) {
-        at::Tensor block_t = (e * z).sum(1);
+        at::Tensor block_t = e.mul_(z).sum(1);
         if (!alpha.defined()) {
           t = block_t;
         } else {
@@ -235,9 +267,27 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> token_scores_forward(
     lse.slice(0, r0, r1).copy_(lse_c);
     logp.slice(0, r0, r1).copy_(tgt - lse_c);
     if (with_entropy) entropy.slice(0, r0, r1).copy_(log_s - t / acc.s);
-  }
+  });
   return {logp, lse, with_entropy ? OptTensor(entropy) : OptTensor()};
 }
+
+namespace {
+
+// Sums the per-worker grad_hidden buffers (in worker order) into one fp32 tensor.
+at::Tensor reduce_slots(std::vector<at::Tensor>& slots) {
+  at::Tensor total;
+  for (at::Tensor& part : slots) {
+    if (!part.defined()) continue;
+    if (!total.defined()) {
+      total = part;
+    } else {
+      total.add_(part);
+    }
+  }
+  return total;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, OptTensor, OptTensor> token_scores_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
@@ -258,46 +308,49 @@ std::tuple<at::Tensor, OptTensor, OptTensor> token_scores_backward(
   at::NoGradGuard no_grad;
   const bool use_entropy = grad_entropy.has_value();
   const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor grad_h = at::zeros({n, d}, f32);
   at::Tensor grad_w = need_weight_grad ? at::zeros({vocab, d}, f32) : at::Tensor();
   const bool want_bias = need_weight_grad && bias.has_value();
   at::Tensor grad_b = want_bias ? at::zeros({vocab}, f32) : at::Tensor();
-  const int64_t rc = rows_chunk(), vb = vocab_block();
+  const int64_t rc = rows_chunk();
+  const int64_t vb = split_extent(vocab, at::get_num_threads(), vocab_block());
+  const int64_t n_blocks = ceil_div(vocab, vb);
+  const int64_t workers = num_workers(n_blocks);
+  at::Tensor neg_gl = grad_logp.neg().unsqueeze(1);
 
-  for (int64_t r0 = 0; r0 < n; r0 += rc) {
-    const int64_t r1 = std::min(n, r0 + rc);
-    at::Tensor h32 = as_f32(hidden.slice(0, r0, r1));
-    at::Tensor ids_c = ids.slice(0, r0, r1);
-    at::Tensor lse_c = lse.slice(0, r0, r1).unsqueeze(1);
-    at::Tensor gl = grad_logp.slice(0, r0, r1);
-    at::Tensor neg_gl = gl.neg().unsqueeze(1);
-    at::Tensor ge, ent;
-    if (use_entropy) {
-      ge = grad_entropy->slice(0, r0, r1).unsqueeze(1);
-      ent = entropy->slice(0, r0, r1).unsqueeze(1);
-    }
-    at::Tensor gh = grad_h.slice(0, r0, r1);
-    for (int64_t v0 = 0; v0 < vocab; v0 += vb) {
-      const int64_t v1 = std::min(vocab, v0 + vb);
+  // Each worker owns whole vocabulary blocks, so it alone writes those rows of grad_weight and
+  // grad_bias; grad_hidden, which every block touches, goes to a buffer per worker.
+  std::vector<at::Tensor> grad_h_parts(workers);
+  parallel_items(n_blocks, workers, [&](int64_t item, int64_t slot) {
+    const int64_t v0 = item * vb, v1 = std::min(vocab, v0 + vb);
+    at::Tensor& grad_h = grad_h_parts[slot];
+    if (!grad_h.defined()) grad_h = at::zeros({n, d}, f32);
+    for (int64_t r0 = 0; r0 < n; r0 += rc) {
+      const int64_t r1 = std::min(n, r0 + rc);
+      at::Tensor h32 = as_f32(hidden.slice(0, r0, r1));
+      at::Tensor gl = grad_logp.slice(0, r0, r1);
       auto tile = logits_tile(h32, weight, bias, v0, v1, scale);
-      at::Tensor z = tile.first.sub_(lse_c);  // log p
-      at::Tensor dz = z.exp();                 // p
+      at::Tensor z = tile.first.sub_(lse.slice(0, r0, r1).unsqueeze(1));  // log p
+      at::Tensor dz = z.exp();                                              // p
       if (use_entropy) {
         // z_v - (lse - entropy) = log p_v + entropy, so
         // dz = -p * (grad_logp + grad_entropy * (log p + entropy)) (+ grad_logp at the id).
-        dz.mul_(z.add_(ent).mul_(ge).add_(gl.unsqueeze(1))).neg_();
+        z.add_(entropy->slice(0, r0, r1).unsqueeze(1))
+            .mul_(grad_entropy->slice(0, r0, r1).unsqueeze(1))
+            .add_(gl.unsqueeze(1));
+        dz.mul_(z).neg_();
       } else {
-        dz.mul_(neg_gl);
+        dz.mul_(neg_gl.slice(0, r0, r1));
       }
-      scatter_add_targets(dz, ids_c, v0, gl);
+      scatter_add_targets(dz, ids.slice(0, r0, r1), v0, gl);
       if (scale != 1.0) dz.mul_(scale);
-      gh.addmm_(dz, tile.second);
+      grad_h.slice(0, r0, r1).addmm_(dz, tile.second);
       if (need_weight_grad) {
         grad_w.slice(0, v0, v1).addmm_(dz.t(), h32);
         if (want_bias) grad_b.slice(0, v0, v1).add_(dz.sum(0));
       }
     }
-  }
+  });
+  at::Tensor grad_h = reduce_slots(grad_h_parts);
   OptTensor out_w, out_b;
   if (need_weight_grad) out_w = grad_w.to(weight.scalar_type());
   if (want_bias) out_b = grad_b.to(bias->scalar_type());
@@ -394,10 +447,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
   const auto f32 = s_hidden.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({n}, f32), s_lse = at::empty({n}, f32),
              t_lse = at::empty({n}, f32);
-  const int64_t rc = rows_chunk(), vb = vocab_block();
+  const int64_t rc = split_extent(n, at::get_num_threads(), rows_chunk());
+  const int64_t vb = vocab_block();
+  const int64_t n_chunks = ceil_div(n, rc);
 
-  for (int64_t r0 = 0; r0 < n; r0 += rc) {
-    const int64_t r1 = std::min(n, r0 + rc);
+  parallel_items(n_chunks, num_workers(n_chunks), [&](int64_t item, int64_t) {
+    const int64_t r0 = item * rc, r1 = std::min(n, r0 + rc);
     at::Tensor hs32 = as_f32(s_hidden.slice(0, r0, r1));
     at::Tensor ht32 = as_f32(t_hidden.slice(0, r0, r1));
     OnlineLse acc_s, acc_t;
@@ -415,9 +470,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
       at::Tensor alpha_s = acc_s.update(zs, es);
       at::Tensor alpha_t = acc_t.update(zt, et);
       if (kind == Kind::Jsd) continue;
-      const at::Tensor& e = kind == Kind::ForwardKl ? et : es;
+      at::Tensor& e = kind == Kind::ForwardKl ? et : es;
       const at::Tensor& alpha = kind == Kind::ForwardKl ? alpha_t : alpha_s;
-      at::Tensor block = (e * diff).sum(1);
+      at::Tensor block = e.mul_(diff).sum(1);
       kl_sum = alpha.defined() ? kl_sum.mul_(alpha).add_(block) : block;
     }
     at::Tensor s_lse_c = acc_s.lse(), t_lse_c = acc_t.lse();
@@ -442,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
     loss.slice(0, r0, r1).copy_(loss_c.clamp_min_(0.0));
     s_lse.slice(0, r0, r1).copy_(s_lse_c);
     t_lse.slice(0, r0, r1).copy_(t_lse_c);
-  }
+  });
   return {loss, s_lse, t_lse};
 }
 
@@ -461,21 +516,25 @@ std::tuple<at::Tensor, OptTensor> distill_backward(
   at::NoGradGuard no_grad;
   const double inv_t = 1.0 / temperature;
   const auto f32 = s_hidden.options().dtype(at::kFloat);
-  at::Tensor grad_h = at::zeros({n, ds}, f32);
   at::Tensor grad_w = need_weight_grad ? at::zeros({vocab, ds}, f32) : at::Tensor();
+  const int64_t threads = at::get_num_threads();
   const int64_t rc = rows_chunk(), vb = vocab_block();
 
-  for (int64_t r0 = 0; r0 < n; r0 += rc) {
-    const int64_t r1 = std::min(n, r0 + rc);
-    at::Tensor hs32 = as_f32(s_hidden.slice(0, r0, r1));
-    at::Tensor ht32 = as_f32(t_hidden.slice(0, r0, r1));
-    at::Tensor sl = s_lse.slice(0, r0, r1).unsqueeze(1);
-    at::Tensor tl = t_lse.slice(0, r0, r1).unsqueeze(1);
-    // dL/dz_s = p_s * (g - c) with g = dL/dp_s and c = sum_v p_s g. For reverse KL and JSD, c
-    // depends on the whole row, so it takes a pass of its own before the gradient pass.
-    at::Tensor c;
-    if (kind != Kind::ForwardKl) {
-      c = at::zeros({r1 - r0, 1}, f32);
+  // dL/dz_s = p_s * (g - c) with g = dL/dp_s and c = sum_v p_s g. For reverse KL and JSD, c
+  // depends on the whole row, so a first pass over row chunks finds it.
+  at::Tensor c;
+  if (kind != Kind::ForwardKl) {
+    c = at::empty({n, 1}, f32);
+    const int64_t rc_c = split_extent(n, threads, rc);
+    const int64_t n_chunks = ceil_div(n, rc_c);
+    parallel_items(n_chunks, num_workers(n_chunks), [&](int64_t item, int64_t) {
+      const int64_t r0 = item * rc_c, r1 = std::min(n, r0 + rc_c);
+      at::Tensor hs32 = as_f32(s_hidden.slice(0, r0, r1));
+      at::Tensor ht32 = as_f32(t_hidden.slice(0, r0, r1));
+      at::Tensor sl = s_lse.slice(0, r0, r1).unsqueeze(1);
+      at::Tensor tl = t_lse.slice(0, r0, r1).unsqueeze(1);
+      at::Tensor c_chunk = c.slice(0, r0, r1);
+      c_chunk.zero_();
       for (int64_t v0 = 0; v0 < vocab; v0 += vb) {
         const int64_t v1 = std::min(vocab, v0 + vb);
         DistillTile tile = distill_tile(hs32, s_weight, ht32, t_weight, inv_t, v0, v1, sl, tl);
@@ -483,29 +542,45 @@ std::tuple<at::Tensor, OptTensor> distill_backward(
                            ? tile.lps - tile.lpt
                            : (tile.lps - log_mixture(tile.lps, tile.lpt, jsd_beta))
                                  .mul_(1.0 - jsd_beta);
-        c.add_(g.mul_(tile.lps.exp()).sum(1, true));
+        c_chunk.add_(g.mul_(tile.lps.exp()).sum(1, true));
       }
-    }
-    at::Tensor row_scale = grad_rows.slice(0, r0, r1).unsqueeze(1) * inv_t;
-    at::Tensor gh = grad_h.slice(0, r0, r1);
-    for (int64_t v0 = 0; v0 < vocab; v0 += vb) {
-      const int64_t v1 = std::min(vocab, v0 + vb);
-      DistillTile tile = distill_tile(hs32, s_weight, ht32, t_weight, inv_t, v0, v1, sl, tl);
+    });
+  }
+
+  // Gradient pass: each worker owns whole vocabulary blocks (its rows of grad_weight) and keeps
+  // its own grad_hidden buffer.
+  const int64_t vb_g = split_extent(vocab, threads, vb);
+  const int64_t n_blocks = ceil_div(vocab, vb_g);
+  const int64_t workers = num_workers(n_blocks);
+  at::Tensor row_scale = (grad_rows * inv_t).unsqueeze(1);
+  std::vector<at::Tensor> grad_h_parts(workers);
+  parallel_items(n_blocks, workers, [&](int64_t item, int64_t slot) {
+    const int64_t v0 = item * vb_g, v1 = std::min(vocab, v0 + vb_g);
+    at::Tensor& grad_h = grad_h_parts[slot];
+    if (!grad_h.defined()) grad_h = at::zeros({n, ds}, f32);
+    for (int64_t r0 = 0; r0 < n; r0 += rc) {
+      const int64_t r1 = std::min(n, r0 + rc);
+      at::Tensor hs32 = as_f32(s_hidden.slice(0, r0, r1));
+      at::Tensor ht32 = as_f32(t_hidden.slice(0, r0, r1));
+      DistillTile tile = distill_tile(hs32, s_weight, ht32, t_weight, inv_t, v0, v1,
+                                      s_lse.slice(0, r0, r1).unsqueeze(1),
+                                      t_lse.slice(0, r0, r1).unsqueeze(1));
       at::Tensor ps = tile.lps.exp();
       at::Tensor dz;
       if (kind == Kind::ForwardKl) {
         dz = ps.sub_(tile.lpt.exp_());
       } else if (kind == Kind::ReverseKl) {
-        dz = ps.mul_(tile.lps.sub_(tile.lpt).sub_(c));
+        dz = ps.mul_(tile.lps.sub_(tile.lpt).sub_(c.slice(0, r0, r1)));
       } else {
         at::Tensor lm = log_mixture(tile.lps, tile.lpt, jsd_beta);
-        dz = ps.mul_(tile.lps.sub_(lm).mul_(1.0 - jsd_beta).sub_(c));
+        dz = ps.mul_(tile.lps.sub_(lm).mul_(1.0 - jsd_beta).sub_(c.slice(0, r0, r1)));
       }
-      dz.mul_(row_scale);
-      gh.addmm_(dz, tile.ws32);
+      dz.mul_(row_scale.slice(0, r0, r1));
+      grad_h.slice(0, r0, r1).addmm_(dz, tile.ws32);
       if (need_weight_grad) grad_w.slice(0, v0, v1).addmm_(dz.t(), hs32);
     }
-  }
+  });
+  at::Tensor grad_h = reduce_slots(grad_h_parts);
   OptTensor out_w;
   if (need_weight_grad) out_w = grad_w.to(s_weight.scalar_type());
   return {grad_h.to(s_hidden.scalar_type()), out_w};

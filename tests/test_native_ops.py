@@ -22,6 +22,15 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) 
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
+@pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
+def threads(request):
+    """Both the single-worker path and several workers sharing the tiles and grad buffers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _small_tiles():
     # Fails loudly rather than skipping: CI installs the package with the extension built.
@@ -75,7 +84,7 @@ TOLS = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 1e-2)}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias,with_entropy", [(True, True), (False, False), (False, True)])
-def test_token_scores_match_float64_reference(dtype, with_bias, with_entropy):
+def test_token_scores_match_float64_reference(dtype, with_bias, with_entropy, threads):
     hidden, weight, bias, ids = _token_inputs(dtype, bias=with_bias)
     scale = 0.83
     fwd_tol, grad_tol = TOLS[dtype]
@@ -151,7 +160,7 @@ def _distill_reference(s_hidden, s_weight, t_hidden, t_weight, temperature, kind
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-def test_distill_matches_float64_reference(dtype, kind):
+def test_distill_matches_float64_reference(dtype, kind, threads):
     inputs = _distill_inputs(dtype)
     temperature, beta = 1.7, 0.3
     fwd_tol, grad_tol = TOLS[dtype]
