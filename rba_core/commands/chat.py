@@ -1,0 +1,102 @@
+"""``rba chat``: answer a spoken instruction with the SpeechLM (and, given the transcript,
+show the text teacher's answer beside it)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_ENCODER = "whisper-tiny.en"
+DEFAULT_LLM = "smollm2-135m-instruct"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="answer a spoken instruction with the SpeechLM",
+        description="Encode AUDIO with Whisper, splice it into the LLM's chat prompt through "
+                    "the audio adapter and print the greedy answer. With --transcript, also "
+                    "print the text teacher's answer to the transcript.",
+    )
+    parser.add_argument("--audio", required=True, metavar="FILE",
+                        help="the spoken instruction (WAV/FLAC/OGG, any rate, mono or not)")
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="a trained adapter folder (SpeechLM.save_trainable); default: the "
+                             "packaged warm-started adapter when present, else an untrained one")
+    parser.add_argument("--transcript", metavar="TEXT", default=None,
+                        help="what the audio says; prints the teacher's answer to it too")
+    parser.add_argument("--prompt", metavar="TEXT", default="",
+                        help="task text beside the audio, e.g. 'Translate the audio into "
+                             "French.' (default: none, the audio is the instruction)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                        help="most tokens per answer (default: 64)")
+    parser.add_argument("--encoder", metavar="DIR", default=None,
+                        help=f"Whisper folder (default: `rba prepare`'s {DEFAULT_ENCODER})")
+    parser.add_argument("--llm", metavar="DIR", default=None,
+                        help=f"LLM folder (default: `rba prepare`'s {DEFAULT_LLM})")
+    parser.add_argument("--teacher", metavar="DIR", default=None,
+                        help="another LLM with the same tokenizer as the text teacher "
+                             "(default: the SpeechLM's own LLM)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initialises an untrained adapter (default: 0)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="weight dtype (default: float32)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.set_defaults(handler=run)
+
+
+def _model_dir(given: str | None, name: str, flag: str) -> Path:
+    from rba_core.errors import ConfigError
+    from rba_core.prepare import default_model_dir
+
+    if given is not None:
+        return Path(given)
+    folder = Path(default_model_dir(name))
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"the default model {name} is not prepared at {folder}; run "
+                          f"`rba prepare` first or pass {flag} DIR")
+    return folder
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rba_core.audio import load_audio
+    from rba_core.errors import ConfigError
+    from rba_core.generation import generate
+    from rba_core.lora import lora_disabled
+    from rba_core.prompts import student_messages, teacher_messages, teacher_prompt_ids
+    from rba_core.speechlm import DEFAULT_ADAPTER_DIR, SpeechLM
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    wave = load_audio(args.audio)
+    encoder_dir = _model_dir(args.encoder, DEFAULT_ENCODER, "--encoder")
+    llm_dir = _model_dir(args.llm, DEFAULT_LLM, "--llm")
+    adapter = args.adapter
+    if adapter is None and args.encoder is None and args.llm is None \
+            and (DEFAULT_ADAPTER_DIR / "config.json").is_file():
+        adapter = DEFAULT_ADAPTER_DIR
+    if adapter is None:
+        print("rba chat: warning: no trained adapter (pass --adapter DIR); the answer comes "
+              "from an untrained adapter and will not follow the audio", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    speechlm = SpeechLM.from_pretrained(encoder_dir, llm_dir, adapter,
+                                        dtype=getattr(torch, args.dtype), device=args.device)
+    speechlm.eval()
+    row = {"instruction": args.transcript or "", "prompt": args.prompt}
+    answer = speechlm.answer([wave], [student_messages(row)],
+                             max_new_tokens=args.max_new_tokens)[0]
+    if args.transcript is None:
+        print(answer)
+        return 0
+    teacher, tokenizer = speechlm.load_teacher(args.teacher)
+    prompt = teacher_prompt_ids(tokenizer, teacher_messages(row))
+    with lora_disabled(teacher):
+        reply = generate(teacher, [prompt], max_new_tokens=args.max_new_tokens,
+                         stop_ids=tokenizer.stop_ids,
+                         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)[0]
+    print(f"speechlm: {answer}")
+    print(f"teacher:  {tokenizer.decode(reply, skip_special_tokens=True).strip()}")
+    return 0
