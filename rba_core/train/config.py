@@ -1,0 +1,349 @@
+"""Training configuration: nested dataclasses, read from YAML, with ``key.sub=value`` overrides.
+
+``TrainerConfig`` holds what the generic trainer needs (seed, optimizer, schedule, run). The
+``rba train`` command uses ``TrainConfig``, which adds the SpeechLM task's own sections
+(task, model, data, loss). Every field is checked after loading and after overrides; a bad value
+raises :class:`rba_core.errors.ConfigError` naming the dotted field and its allowed range.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rba_core.errors import ConfigError
+
+TASKS = ("sft", "kd")
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp")
+SCHEDULES = ("cosine", "constant")
+
+
+def _fail(name: str, allowed: str, value: Any) -> None:
+    raise ConfigError(f"{name} must be {allowed} (got {value!r})")
+
+
+def _finite(name: str, value: float, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False, allowed: str) -> None:
+    if not math.isfinite(value):
+        _fail(name, allowed, value)
+    if low is not None and (value < low or (low_open and value == low)):
+        _fail(name, allowed, value)
+    if high is not None and (value > high or (high_open and value == high)):
+        _fail(name, allowed, value)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, "one of " + ", ".join(choices), value)
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        _fail(name, f"an integer >= {low}", value)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the task's trainable parameters, with clipping and gradient accumulation."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+    def validate(self, prefix: str = "optim") -> None:
+        _finite(f"{prefix}.lr", self.lr, 0.0, low_open=True, allowed="a finite number > 0")
+        if len(self.betas) != 2:
+            _fail(f"{prefix}.betas", "a pair [beta1, beta2], each in [0, 1)", list(self.betas))
+        for index, beta in enumerate(self.betas):
+            _finite(f"{prefix}.betas[{index}]", beta, 0.0, 1.0, high_open=True,
+                    allowed="a number in [0, 1)")
+        _finite(f"{prefix}.eps", self.eps, 0.0, low_open=True, allowed="a finite number > 0")
+        _finite(f"{prefix}.weight_decay", self.weight_decay, 0.0,
+                allowed="a finite number >= 0")
+        _finite(f"{prefix}.grad_clip", self.grad_clip, 0.0,
+                allowed="a finite number >= 0 (0 turns clipping off)")
+        _at_least(f"{prefix}.grad_accum", self.grad_accum, 1)
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up from lr/warmup_steps to lr, then cosine decay to lr * min_lr_ratio."""
+
+    kind: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def validate(self, prefix: str = "schedule") -> None:
+        _choice(f"{prefix}.kind", self.kind, SCHEDULES)
+        _at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
+        _finite(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0,
+                allowed="a number in [0, 1]")
+
+
+@dataclass
+class RunConfig:
+    """How long to train, on what, and what to write where."""
+
+    output_dir: str = "runs/train"
+    max_steps: int = 0
+    max_epochs: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    strategy: str = "ddp"
+    log_every: int = 1
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    resume: str = "auto"
+    tensorboard: bool = False
+    progress: bool = True
+    plot: bool = True
+
+    def validate(self, prefix: str = "run") -> None:
+        if not self.output_dir:
+            _fail(f"{prefix}.output_dir", "a folder path", self.output_dir)
+        _at_least(f"{prefix}.max_steps", self.max_steps, 0)
+        _at_least(f"{prefix}.max_epochs", self.max_epochs, 0)
+        if self.max_steps == 0 and self.max_epochs == 0:
+            _fail(f"{prefix}.max_steps / {prefix}.max_epochs",
+                  "set so that at least one is > 0 (0 means no limit from that field)", 0)
+        _choice(f"{prefix}.device", self.device, DEVICES)
+        _choice(f"{prefix}.dtype", self.dtype, DTYPES)
+        _choice(f"{prefix}.strategy", self.strategy, STRATEGIES)
+        _at_least(f"{prefix}.log_every", self.log_every, 1)
+        _at_least(f"{prefix}.checkpoint_every", self.checkpoint_every, 0)
+        _at_least(f"{prefix}.keep_last", self.keep_last, 1)
+        if not self.resume:
+            _fail(f"{prefix}.resume", "'auto', 'never' or a checkpoint folder", self.resume)
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            _fail(f"{prefix}.resume", "'auto', 'never' or an existing checkpoint folder",
+                  self.resume)
+
+
+@dataclass
+class TrainerConfig:
+    """Everything the generic :class:`rba_core.train.Trainer` reads."""
+
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        if not 0 <= self.seed < 2**63:
+            _fail("seed", "an integer in [0, 2**63)", self.seed)
+        self.optim.validate()
+        self.schedule.validate()
+        self.run.validate()
+
+
+@dataclass
+class ModelConfig:
+    """The SpeechLM's parts. ``None`` paths mean the models that ``rba prepare`` converts."""
+
+    encoder: str | None = None
+    llm: str | None = None
+    teacher: str | None = None
+    adapter: str | None = None
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("encoder", "llm", "teacher", "adapter"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                _fail(f"{prefix}.{name}", "an existing path or null (the default model)", value)
+
+
+@dataclass
+class DataConfig:
+    """The dataset folder written by ``rba synth`` (manifest.jsonl + audio/)."""
+
+    dir: str = "data/speech"
+    split: str = "train"
+    batch_size: int = 8
+
+    def validate(self, prefix: str = "data") -> None:
+        if not self.dir:
+            _fail(f"{prefix}.dir", "a dataset folder holding manifest.jsonl", self.dir)
+        _choice(f"{prefix}.split", self.split, ("train", "heldout"))
+        _at_least(f"{prefix}.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class LossConfig:
+    """Distillation settings (``kd`` only; ``sft`` is plain cross-entropy)."""
+
+    kind: str = "forward_kl"
+    temperature: float = 2.0
+
+    def validate(self, prefix: str = "loss") -> None:
+        _choice(f"{prefix}.kind", self.kind, KD_KINDS)
+        _finite(f"{prefix}.temperature", self.temperature, 0.0, low_open=True,
+                allowed="a finite number > 0")
+
+
+@dataclass
+class TrainConfig(TrainerConfig):
+    """The ``rba train`` configuration: the trainer's sections plus the SpeechLM task's."""
+
+    task: str = "kd"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self) -> None:
+        _choice("task", self.task, TASKS)
+        super().validate()
+        self.model.validate()
+        self.data.validate()
+        self.loss.validate()
+
+
+C = TypeVar("C")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the field's declared type, or a ConfigError naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [arg for arg in args if arg is not type(None)]
+        return _coerce(name, value, inner[0])
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            _fail(name, f"a mapping of {', '.join(f.name for f in dataclasses.fields(annotation))}",
+                  value)
+        return _build(annotation, value, name)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            _fail(name, "true or false", value)
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(name, "an integer", value)
+        return value
+    if annotation is float:
+        # YAML 1.1 reads "3e-4" (no dot) as a string, a common surprise in learning rates.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(name, "a number", value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(name, "a number", value)
+        return float(value)
+    if annotation is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            _fail(name, "a string", value)
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(name, f"a list of {len(args)} numbers", value)
+        if len(value) != len(args):
+            _fail(name, f"a list of exactly {len(args)} items", list(value))
+        return tuple(_coerce(f"{name}[{i}]", item, arg)
+                     for i, (item, arg) in enumerate(zip(value, args)))
+    raise TypeError(f"unsupported config annotation {annotation!r} for {name}")
+
+
+def _build(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config field {full!r}{hint} (known fields"
+                              f"{' of ' + prefix if prefix else ''}: {', '.join(names)})")
+        kwargs[key] = _coerce(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict (tuples as lists) that YAML and JSON can write and ``build_config`` reads."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def apply_override(values: dict[str, Any], override: str) -> None:
+    """Set ``values[a][b] = yaml(v)`` for one ``a.b=v`` string, creating sections as needed."""
+    import yaml
+
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} must look like section.field=value "
+                          "(for example optim.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({error})") from None
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(cls: type[C], values: dict[str, Any] | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """A validated ``cls`` from a nested dict plus ``a.b=value`` overrides."""
+    merged = _deep_copy(values or {})
+    for override in overrides:
+        apply_override(merged, override)
+    config = _build(cls, merged)
+    config.validate()
+    return config
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                cls: type[C] = TrainConfig) -> C:
+    """Read a YAML file into ``cls`` (default :class:`TrainConfig`), then apply overrides."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist; pass a YAML file (see "
+                          "rba_core/train/configs/ for examples)")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {file}: not valid YAML ({error})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {file}: must hold a mapping of sections, found "
+                          f"{type(values).__name__}")
+    return build_config(cls, values, overrides)
+
+
+def _deep_copy(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}

@@ -1,0 +1,479 @@
+"""The generic training loop. It knows optimizers, schedules, checkpoints, ranks and logging,
+and nothing about audio: the model, the data and the loss come from a :class:`TrainTask`."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from rba_core.errors import CheckpointError, ConfigError
+from rba_core.train import checkpoint as ckpt
+from rba_core.train import distributed as dd
+from rba_core.train.config import TrainerConfig, config_to_dict
+from rba_core.train.metrics import PLOT_NAME, MetricsWriter, plot_metrics
+from rba_core.train.schedule import build_scheduler
+
+logger = logging.getLogger("rba.train")
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What the trainer needs from a model + data + loss.
+
+    ``train_batches`` must be a pure function of its arguments (same batches in the same order
+    for the same epoch, rank, world size and seed): exact resume replays it and skips the
+    batches already trained on. Optional methods the trainer uses when present:
+    ``state_dict()`` / ``load_state_dict(state)`` for state beyond the parameters, and
+    ``fsdp_modules() -> list[nn.Module]`` (innermost first) for ``run.strategy=fsdp``.
+    """
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def train_batches(self, epoch: int, rank: int, world_size: int, seed: int) -> Iterable[Any]: ...
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run ended."""
+
+    step: int
+    epoch: int
+    skipped_steps: int
+    nonfinite_loss: int
+    nonfinite_grad: int
+    output_dir: Path
+    checkpoint: Path | None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch (all devices) from one seed; ranks get distinct streams so
+    that dropout differs between replicas, as it would across one larger batch."""
+    derived = (seed + 1_000_003 * rank) % (2**63)
+    random.seed(derived)
+    np.random.seed(derived % (2**32))
+    torch.manual_seed(derived)
+
+
+class _StopRun(Exception):
+    pass
+
+
+class Trainer:
+    """Run ``task`` under ``config``: ``Trainer(config, task).train()``.
+
+    Build the task after :func:`rba_core.train.init_distributed` (for its device) and after
+    :func:`seed_everything` (for identical initial weights on every rank); the trainer also
+    broadcasts rank 0's trainable weights before the first step.
+    """
+
+    def __init__(self, config: TrainerConfig, task: TrainTask, *,
+                 dist_info: dd.DistInfo | None = None) -> None:
+        config.validate()
+        for name in ("trainable_parameters", "train_batches", "loss"):
+            if not callable(getattr(task, name, None)):
+                raise ConfigError(f"the task {type(task).__name__} has no {name}(); a TrainTask "
+                                  "needs trainable_parameters(), train_batches() and loss()")
+        self.config = config
+        self.task = task
+        self.dist = dist_info or dd.init_distributed(config.run.device)
+        self.output_dir = Path(config.run.output_dir)
+        self.skipped_steps = 0
+        self.nonfinite_loss = 0
+        self.nonfinite_grad = 0
+        self.tokens_seen = 0.0
+
+    # ----------------------------------------------------------------------------- set-up
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.config.run.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.dist.device.type == "cuda" else "float32"
+        if dtype == "bfloat16":
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _params(self) -> list[nn.Parameter]:
+        params = list(self.task.trainable_parameters())
+        if not params:
+            raise ConfigError(f"{type(self.task).__name__}.trainable_parameters() is empty; "
+                              "nothing would train (unfreeze a module or add an adapter)")
+        seen = set()
+        for index, param in enumerate(params):
+            if not isinstance(param, torch.Tensor) or not param.requires_grad:
+                raise ConfigError(f"{type(self.task).__name__}.trainable_parameters()[{index}] "
+                                  "does not require grad; return only trainable parameters")
+            if id(param) in seen:
+                raise ConfigError(f"{type(self.task).__name__}.trainable_parameters()[{index}] "
+                                  "is listed twice; list each parameter once")
+            seen.add(id(param))
+        return params
+
+    def _fsdp_modules(self) -> list[nn.Module]:
+        getter = getattr(self.task, "fsdp_modules", None)
+        if getter is None:
+            raise ConfigError(f"run.strategy=fsdp needs {type(self.task).__name__}."
+                              "fsdp_modules() naming the modules to shard; use run.strategy=ddp")
+        return list(getter())
+
+    def _first_batches(self) -> Iterable[Any]:
+        return self.task.train_batches(0, self.dist.rank, self.dist.world_size, self.config.seed)
+
+    def _total_steps(self) -> int:
+        run = self.config.run
+        per_epoch = None
+        batches = self._first_batches()
+        if hasattr(batches, "__len__"):
+            count = dd.min_over_ranks(len(batches), self.dist)  # type: ignore[arg-type]
+            per_epoch = count // self.config.optim.grad_accum
+            if per_epoch == 0:
+                raise ConfigError(
+                    f"an epoch gives this rank {count} batches, fewer than optim.grad_accum="
+                    f"{self.config.optim.grad_accum}; lower data.batch_size or grad_accum, or "
+                    "use more data")
+        if run.max_steps > 0:
+            if run.max_epochs > 0 and per_epoch is not None:
+                return min(run.max_steps, run.max_epochs * per_epoch)
+            return run.max_steps
+        if per_epoch is None:
+            raise ConfigError("run.max_steps must be > 0 when the task's batches have no length "
+                              "(the schedule needs to know how many steps there are)")
+        return run.max_epochs * per_epoch
+
+    # ------------------------------------------------------------------------ checkpoints
+    def _resume_from(self) -> Path | None:
+        resume = self.config.run.resume
+        if resume == "never":
+            if ckpt.list_checkpoints(self.output_dir):
+                raise ConfigError(f"run.output_dir {self.output_dir} already holds checkpoints "
+                                  "and run.resume=never; use run.resume=auto to continue it or "
+                                  "choose a new run.output_dir")
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.output_dir)
+        return Path(resume)
+
+    def save(self, step: int, epoch: int, position: int) -> Path | None:
+        """Write a checkpoint from every rank's state; only rank 0 touches the disk."""
+        params = [dd.full_tensor(p.detach()) for p in self.params]
+        optimizer_state = self.optimizer.state_dict()
+        for index in sorted(optimizer_state["state"]):
+            entry = optimizer_state["state"][index]
+            for key in sorted(entry):
+                if isinstance(entry[key], torch.Tensor):
+                    entry[key] = dd.full_tensor(entry[key]).to("cpu")
+        rng_states = dd.gather_objects(ckpt.capture_rng(), self.dist)
+        state_fn = getattr(self.task, "state_dict", None)
+        task_state = state_fn() if callable(state_fn) else None
+        path = None
+        if self.dist.is_main:
+            state = {
+                "step": step, "epoch": epoch, "position": position,
+                "world_size": self.dist.world_size,
+                "scheduler": self.scheduler.state_dict(),
+                "skipped_steps": self.skipped_steps, "nonfinite_loss": self.nonfinite_loss,
+                "nonfinite_grad": self.nonfinite_grad, "tokens_seen": self.tokens_seen,
+                "config": config_to_dict(self.config),
+            }
+            path = ckpt.write_checkpoint(
+                self.output_dir, step, params=params, optimizer_state=optimizer_state,
+                rng_states=rng_states, task_state=task_state, state=state,
+                keep_last=self.config.run.keep_last)
+        dd.barrier(self.dist)
+        return path
+
+    def _load(self, folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Restore weights, optimizer, scheduler and counters; return the state and RNG list
+        (RNG is restored after the data iterator has been advanced)."""
+        state = ckpt.read_state(folder)
+        shapes = [tuple(dd.full_tensor(p.detach()).shape) if dd._is_dtensor(p) else
+                  tuple(p.shape) for p in self.params]
+        for param, saved in zip(self.params, ckpt.read_params(folder, shapes)):
+            dd.load_full_into(param, saved)
+        optimizer_state = ckpt.read_torch(folder, ckpt.OPTIMIZER_NAME)
+        for index, entry in optimizer_state["state"].items():
+            param = self.params[int(index)]
+            if dd._is_dtensor(param):
+                from torch.distributed.tensor import distribute_tensor
+
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        entry[key] = distribute_tensor(value.to(param.device), param.device_mesh,
+                                                       param.placements)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{folder / ckpt.OPTIMIZER_NAME}: does not match this "
+                                  f"optimizer ({error})") from error
+        self.scheduler.load_state_dict(state["scheduler"])
+        task_file = folder / ckpt.TASK_NAME
+        load_fn = getattr(self.task, "load_state_dict", None)
+        if task_file.is_file() and callable(load_fn):
+            load_fn(ckpt.read_torch(folder, ckpt.TASK_NAME))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_loss = int(state.get("nonfinite_loss", 0))
+        self.nonfinite_grad = int(state.get("nonfinite_grad", 0))
+        self.tokens_seen = float(state.get("tokens_seen", 0.0))
+        rng = ckpt.read_torch(folder, ckpt.RNG_NAME)
+        return state, rng
+
+    # ----------------------------------------------------------------------------- the loop
+    def _grad_norm_and_clip(self) -> float:
+        """The global L2 norm of all trainable gradients (sharded ones summed over ranks),
+        scaled down to ``optim.grad_clip`` when above it."""
+        local = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        sharded = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        grads = []
+        for param in self.params:
+            if param.grad is None:
+                continue
+            grads.append(param.grad)
+            if dd._is_dtensor(param.grad):
+                sharded += param.grad.to_local().double().pow(2).sum()
+            else:
+                local += param.grad.double().pow(2).sum()
+        if any(dd._is_dtensor(g) for g in grads):
+            import torch.distributed as dist
+
+            dist.all_reduce(sharded)
+        norm = math.sqrt((local + sharded).item())
+        clip = self.config.optim.grad_clip
+        if clip > 0 and math.isfinite(norm) and norm > clip:
+            scale = clip / (norm + 1e-6)
+            for grad in grads:
+                grad.mul_(scale)
+        return norm
+
+    def _micro_step(self, batch: Any, accum: int, fsdp: bool) -> tuple[bool, float,
+                                                                        dict[str, float]]:
+        with self._autocast():
+            loss, metrics = self.task.loss(batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConfigError(f"{type(self.task).__name__}.loss() must return a scalar tensor "
+                              f"first, got {type(loss).__name__}"
+                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        value = float(loss.detach().float().item())
+        finite = math.isfinite(value)
+        if fsdp:
+            # FSDP's backward holds collectives: every rank must agree before any starts one.
+            finite = dd.all_true(finite, self.dist)
+        if finite:
+            (loss.reshape(()) / accum).backward()
+        return finite, value, {k: float(v) for k, v in metrics.items()}
+
+    def _optimizer_step(self, group: list[Any], fsdp: bool) -> dict[str, Any]:
+        accum = len(group)
+        losses: list[float] = []
+        sums: dict[str, float] = {}
+        ok = True
+        for batch in group:
+            finite, value, metrics = self._micro_step(batch, accum, fsdp)
+            if not finite:
+                ok = False
+                self.nonfinite_loss += 1
+                break
+            losses.append(value)
+            for key, metric in metrics.items():
+                sums[key] = sums.get(key, 0.0) + metric
+        if not fsdp:
+            ok = dd.all_true(ok, self.dist)
+        lr = self.scheduler.get_last_lr()[0]
+        record: dict[str, Any] = {"lr": lr}
+        if ok:
+            dd.all_reduce_gradients(self.params, self.dist)
+            norm = self._grad_norm_and_clip()
+            record["grad_norm"] = norm
+            if math.isfinite(norm):
+                self.optimizer.step()
+            else:
+                ok = False
+                self.nonfinite_grad += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        # A skipped step still spends its slot of the schedule, so that step numbers, learning
+        # rates and data positions stay aligned with an unskipped run.
+        self.scheduler.step()
+        record["skipped"] = 0 if ok else 1
+        if losses:
+            record["loss"] = sum(losses) / len(losses)
+            for key, total in sums.items():
+                # Counts (tokens, samples) add up over micro-batches; rates average.
+                record[key] = total if key in ("tokens", "samples") else total / len(losses)
+        if not ok:
+            self.skipped_steps += 1
+        return record
+
+    @staticmethod
+    def _take(iterator: Iterator[Any], count: int) -> list[Any]:
+        group = []
+        for _ in range(count):
+            try:
+                group.append(next(iterator))
+            except StopIteration:
+                break
+        return group
+
+    def train(self) -> TrainResult:
+        """Train until ``run.max_steps`` / ``run.max_epochs``; resume first if configured."""
+        config, run, info = self.config, self.config.run, self.dist
+        fsdp = run.strategy == "fsdp"
+        if fsdp:
+            autocast_bf16 = run.dtype == "bfloat16" or (run.dtype == "auto"
+                                                        and info.device.type == "cuda")
+            dd.apply_fsdp(self._fsdp_modules(), info,
+                          torch.bfloat16 if autocast_bf16 else None)
+        self.params = self._params()
+        dd.broadcast_parameters(self.params, info)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay)
+        total_steps = self._total_steps()
+        self.scheduler = build_scheduler(self.optimizer, total_steps, config.schedule)
+
+        resume_dir = self._resume_from()
+        step = epoch = position = 0
+        rng_states = None
+        if resume_dir is not None:
+            state, rng_states = self._load(resume_dir)
+            step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
+            if int(state["world_size"]) != info.world_size:
+                # Each rank's shard changes with the world size; keep the number of samples
+                # already seen this epoch instead of the exact batches.
+                position = position * int(state["world_size"]) // info.world_size
+                warnings.warn(f"resuming a {state['world_size']}-rank checkpoint on "
+                              f"{info.world_size} ranks: the data order within this epoch is "
+                              "not replayed exactly", stacklevel=2)
+                rng_states = None
+            if info.is_main:
+                logger.info("resuming from %s (step %d)", resume_dir, step)
+        else:
+            seed_everything(config.seed, info.rank)
+
+        writer = None
+        if info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.output_dir / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+            writer = MetricsWriter(self.output_dir, resume_step=step if resume_dir else None,
+                                   tensorboard=run.tensorboard)
+        progress = None
+        if info.is_main and run.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+        last_path: Path | None = resume_dir
+        last_saved = step if resume_dir is not None else -1
+        window: dict[str, tuple[float, int]] = {}
+        window_steps = 0
+        window_start = time.perf_counter()
+        window_tokens = 0.0
+        last_record: dict[str, float] = {}
+        accum = config.optim.grad_accum
+        try:
+            while step < total_steps and (run.max_epochs == 0 or epoch < run.max_epochs):
+                batches = self.task.train_batches(epoch, info.rank, info.world_size, config.seed)
+                iterator = iter(batches)
+                for _ in range(position):
+                    if next(iterator, _StopRun) is _StopRun:
+                        break
+                if rng_states is not None:
+                    ckpt.restore_rng(rng_states[info.rank])
+                    rng_states = None
+                while step < total_steps:
+                    group = self._take(iterator, accum)
+                    # Every rank must run the same number of steps or collectives would hang;
+                    # the shortest shard ends the epoch (a trailing partial group is dropped).
+                    if dd.min_over_ranks(len(group), info) < accum:
+                        break
+                    record = self._optimizer_step(group, fsdp)
+                    position += accum
+                    step += 1
+                    if record["skipped"]:
+                        message = (f"step {step}: non-finite loss or gradient on some rank, "
+                                   f"update skipped ({self.skipped_steps} skipped so far)")
+                        if info.is_main:
+                            logger.warning(message)
+                        warnings.warn(message, RuntimeWarning, stacklevel=2)
+                    for key, value in record.items():
+                        if key in ("tokens", "samples", "skipped"):
+                            continue
+                        total, count = window.get(key, (0.0, 0))
+                        window[key] = (total + float(value), count + 1)
+                    window_steps += 1
+                    window_tokens += float(record.get("tokens", 0.0))
+                    if progress is not None:
+                        progress.update(1)
+                        if "loss" in record:
+                            progress.set_postfix(loss=f"{record['loss']:.4f}",
+                                                 lr=f"{record['lr']:.2e}")
+                    if step % run.log_every == 0 or step == total_steps:
+                        last_record = self._log(writer, window, window_steps, window_tokens,
+                                                window_start, step, epoch)
+                        window, window_steps, window_tokens = {}, 0, 0.0
+                        window_start = time.perf_counter()
+                    if run.checkpoint_every and step % run.checkpoint_every == 0:
+                        last_path = self.save(step, epoch, position)
+                        last_saved = step
+                if step >= total_steps:
+                    break
+                epoch += 1
+                position = 0
+            if window_steps:
+                last_record = self._log(writer, window, window_steps, window_tokens,
+                                        window_start, step, epoch)
+            if last_saved != step and step > 0:
+                last_path = self.save(step, epoch, position)
+        finally:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+        if info.is_main and run.plot and writer is not None:
+            plot_metrics(writer.path, self.output_dir / PLOT_NAME)
+        return TrainResult(step=step, epoch=epoch, skipped_steps=self.skipped_steps,
+                           nonfinite_loss=self.nonfinite_loss,
+                           nonfinite_grad=self.nonfinite_grad, output_dir=self.output_dir,
+                           checkpoint=last_path, last_metrics=last_record)
+
+    def _log(self, writer: MetricsWriter | None, window: dict[str, tuple[float, int]],
+             steps: int, tokens: float, start: float, step: int, epoch: int) -> dict[str, float]:
+        """Average the window's metrics over its steps and ranks, then write them (rank 0).
+
+        A skipped step has no loss, so each metric is averaged over the steps that report it.
+        """
+        local = {key: total / count for key, (total, count) in window.items() if count}
+        gathered = dd.gather_objects((local, tokens), self.dist)
+        merged: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        total_tokens = 0.0
+        for values, rank_tokens in gathered:  # type: ignore[misc]
+            total_tokens += rank_tokens
+            for key, value in values.items():
+                merged[key] = merged.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+        record: dict[str, Any] = {key: merged[key] / counts[key] for key in merged}
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        self.tokens_seen += total_tokens
+        record.update(step=step, epoch=epoch, skipped_steps=self.skipped_steps,
+                      nonfinite_loss=self.nonfinite_loss, nonfinite_grad=self.nonfinite_grad,
+                      steps_per_s=steps / elapsed, time=time.time())
+        if total_tokens:
+            record["tokens_per_s"] = total_tokens / elapsed
+            record["tokens_seen"] = self.tokens_seen
+        if writer is not None:
+            writer.write(record)
+        return record
