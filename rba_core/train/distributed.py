@@ -207,9 +207,6 @@ def apply_fsdp(modules: list[torch.nn.Module], info: DistInfo, param_dtype: torc
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not modules:
-        raise ConfigError("run.strategy=fsdp needs a task whose fsdp_modules() names at least "
-                          "one module to shard; use run.strategy=ddp for this task")
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for module in modules:

@@ -301,8 +301,11 @@ class Trainer:
                 self.nonfinite_grad += 1
         self.optimizer.zero_grad(set_to_none=True)
         # A skipped step still spends its slot of the schedule, so that step numbers, learning
-        # rates and data positions stay aligned with an unskipped run.
-        self.scheduler.step()
+        # rates and data positions stay aligned with an unskipped run. (Torch warns when the
+        # schedule moves before any optimizer step, which a skipped first step does on purpose.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         record["skipped"] = 0 if ok else 1
         if losses:
             record["loss"] = sum(losses) / len(losses)
@@ -328,9 +331,17 @@ class Trainer:
         config, run, info = self.config, self.config.run, self.dist
         fsdp = run.strategy == "fsdp"
         if fsdp:
+            modules = self._fsdp_modules()
+            if not modules:
+                raise ConfigError(f"run.strategy=fsdp needs {type(self.task).__name__}."
+                                  "fsdp_modules() to name at least one module to shard; use "
+                                  "run.strategy=ddp for this task")
+            if not info.distributed:
+                raise ConfigError("run.strategy=fsdp shards over several processes; launch with "
+                                  "torchrun --nproc_per_node=N (N > 1) or use run.strategy=ddp")
             autocast_bf16 = run.dtype == "bfloat16" or (run.dtype == "auto"
                                                         and info.device.type == "cuda")
-            dd.apply_fsdp(self._fsdp_modules(), info,
+            dd.apply_fsdp(modules, info,
                           torch.bfloat16 if autocast_bf16 else None)
         self.params = self._params()
         dd.broadcast_parameters(self.params, info)

@@ -1,0 +1,355 @@
+"""The generic trainer on a toy regression task: exact resume, NaN skipping, accumulation,
+configuration errors, atomic checkpoints, the learning-rate schedule and the metrics files."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rba_core.errors import CheckpointError, ConfigError
+from rba_core.train import (
+    TrainConfig,
+    Trainer,
+    TrainerConfig,
+    build_config,
+    load_config,
+    lr_multiplier,
+    read_metrics,
+)
+from rba_core.train import checkpoint as ckpt
+from rba_core.train.config import ScheduleConfig
+from rba_core.train.metrics import plot_metrics
+from rba_core.train.toy import ToyRegressionTask
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "rba_core" / "train" / "configs"
+
+
+def make_config(output_dir: Path, *overrides: str) -> TrainerConfig:
+    base = [f"run.output_dir={output_dir}", "run.progress=false", "run.plot=false",
+            "run.max_epochs=0", "run.device=cpu", "run.dtype=float32"]
+    return build_config(TrainerConfig, {}, [*base, *overrides])
+
+
+def weights(task: ToyRegressionTask) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in task.model.parameters()]
+
+
+class Killed(Exception):
+    """Stands in for the process dying mid-run."""
+
+
+class DiesAfter(ToyRegressionTask):
+    def __init__(self, losses_before_death: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.remaining = losses_before_death
+
+    def loss(self, batch):
+        if self.remaining == 0:
+            raise Killed
+        self.remaining -= 1
+        return super().loss(batch)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    # 24 samples / batch 4 = 6 batches = 3 steps of 2 micro-batches per epoch, so 10 steps
+    # cross three epoch boundaries; the checkpoint at step 4 sits mid-epoch.
+    settings = ["run.max_steps=10", "optim.grad_accum=2", "run.checkpoint_every=4",
+                "schedule.warmup_steps=3", "optim.weight_decay=0.01", "optim.grad_clip=0.5",
+                "seed=7"]
+    reference = ToyRegressionTask(samples=24, init_seed=1)
+    Trainer(make_config(tmp_path / "whole", *settings), reference).train()
+
+    dying = DiesAfter(2 * 6 + 1, samples=24, init_seed=1)
+    with pytest.raises(Killed):
+        Trainer(make_config(tmp_path / "killed", *settings), dying).train()
+    assert ckpt.latest_checkpoint(tmp_path / "killed").name == "step_00000004"
+
+    # A fresh process: the frozen weights load as before, but the trainable ones and every
+    # RNG start elsewhere; the checkpoint must restore them all.
+    torch.manual_seed(999)
+    resumed = ToyRegressionTask(samples=24, init_seed=1)
+    with torch.no_grad():
+        for param in resumed.trainable_parameters():
+            param.copy_(torch.randn_like(param))
+    result = Trainer(make_config(tmp_path / "killed", *settings), resumed).train()
+
+    assert result.step == 10
+    for got, want in zip(weights(resumed), weights(reference)):
+        assert torch.equal(got, want)
+    assert resumed.batches_seen == reference.batches_seen == 20
+    steps = [r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")]
+    assert steps == list(range(1, 11))
+    whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    again = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["loss"] for r in again] == [r["loss"] for r in whole]
+
+
+def test_without_resume_the_run_differs(tmp_path):
+    # Guards the test above: restarting from scratch after the kill would not match.
+    settings = ["run.max_steps=6", "run.checkpoint_every=0", "seed=3"]
+    first = ToyRegressionTask(samples=16, init_seed=1)
+    Trainer(make_config(tmp_path / "a", *settings), first).train()
+    other_seed = ToyRegressionTask(samples=16, init_seed=1)
+    Trainer(make_config(tmp_path / "b", "run.max_steps=6", "seed=4"), other_seed).train()
+    assert not all(torch.equal(a, b) for a, b in zip(weights(first), weights(other_seed)))
+
+
+def test_nan_loss_batch_is_skipped_and_reported(tmp_path, caplog):
+    settings = ["run.max_steps=3", "schedule.kind=constant", "run.checkpoint_every=0"]
+    clean = ToyRegressionTask(samples=16, dropout=0.0, noise=False)
+    Trainer(make_config(tmp_path / "one", "run.max_steps=1", "schedule.kind=constant"),
+            clean).train()
+    after_one = weights(clean)
+
+    poisoned = ToyRegressionTask(samples=16, dropout=0.0, noise=False,
+                                 poison=((0, 1), (0, 2)))
+    with caplog.at_level(logging.WARNING, logger="rba.train"), \
+            pytest.warns(RuntimeWarning, match="update skipped"):
+        result = Trainer(make_config(tmp_path / "nan", *settings), poisoned).train()
+    assert result.skipped_steps == 2 and result.nonfinite_loss == 2
+    for got, want in zip(weights(poisoned), after_one):
+        assert torch.equal(got, want)
+    records = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2]
+    assert "loss" in records[0] and "loss" not in records[1]
+    assert "update skipped" in caplog.text
+
+
+class InfiniteGradient(ToyRegressionTask):
+    """A finite loss (0) whose gradient is NaN: sqrt at 0."""
+
+    def loss(self, batch):
+        loss, metrics = super().loss(batch)
+        return torch.sqrt(loss * 0.0), metrics
+
+
+def test_nonfinite_gradient_is_skipped(tmp_path):
+    task = InfiniteGradient(samples=8, dropout=0.0, noise=False)
+    before = weights(task)
+    with pytest.warns(RuntimeWarning, match="update skipped"):
+        result = Trainer(make_config(tmp_path, "run.max_steps=2"), task).train()
+    assert result.nonfinite_grad == 2 and result.skipped_steps == 2
+    for got, want in zip(weights(task), before):
+        assert torch.equal(got, want)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    small = ToyRegressionTask(samples=32, batch_size=4, dropout=0.0, noise=False)
+    Trainer(make_config(tmp_path / "accum", "run.max_steps=3", "optim.grad_accum=2"),
+            small).train()
+    large = ToyRegressionTask(samples=32, batch_size=8, dropout=0.0, noise=False)
+    # Batch j of size 8 is not the concatenation of batches 2j, 2j+1 of size 4 in the toy's
+    # ordering; feed the large run the same pairs through the same permutation instead.
+    large.train_batches = lambda epoch, rank, world, seed: [
+        (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), False)
+        for a, b in zip(*[iter(small.train_batches(epoch, rank, world, seed))] * 2)]
+    Trainer(make_config(tmp_path / "large", "run.max_steps=3"), large).train()
+    for got, want in zip(weights(small), weights(large)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-1e-3", "optim.lr"),
+    ("optim.lr=nan", "optim.lr"),
+    ("optim.lr=fast", "optim.lr"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas[1]"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.grad_accum=0", "optim.grad_accum"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("schedule.kind=linear", "schedule.kind"),
+    ("schedule.min_lr_ratio=1.5", "schedule.min_lr_ratio"),
+    ("schedule.warmup_steps=-1", "schedule.warmup_steps"),
+    ("run.max_steps=2.5", "run.max_steps"),
+    ("run.dtype=float16", "run.dtype"),
+    ("run.device=tpu", "run.device"),
+    ("run.strategy=zero3", "run.strategy"),
+    ("run.keep_last=0", "run.keep_last"),
+    ("run.progress=maybe", "run.progress"),
+    ("run.resume=/no/such/checkpoint", "run.resume"),
+    ("seed=-1", "seed"),
+    ("task=ppo", "task"),
+    ("loss.kind=l2", "loss.kind"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("model.llm=/no/such/model", "model.llm"),
+])
+def test_bad_config_values_are_rejected(override, field):
+    with pytest.raises(ConfigError) as error:
+        build_config(TrainConfig, {}, [override])
+    assert str(error.value).startswith(field + " must be"), str(error.value)
+
+
+def test_config_structure_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config field 'optim.lrr'.*'optim.lr'"):
+        build_config(TrainConfig, {}, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        build_config(TrainConfig, {}, ["optim.lr"])
+    with pytest.raises(ConfigError, match="run.max_steps / run.max_epochs"):
+        build_config(TrainConfig, {}, ["run.max_steps=0", "run.max_epochs=0"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("optim: 3\n")
+    with pytest.raises(ConfigError, match="optim must be a mapping"):
+        load_config(nested)
+
+
+def test_shipped_configs_load_and_overrides_apply(tmp_path):
+    shipped = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"sft", "kd"}
+    for path in shipped:
+        config = load_config(path)
+        assert config.task in path.stem
+    config = load_config(shipped[0], ["optim.lr=3e-4", "optim.betas=[0.8, 0.95]",
+                                      "run.max_steps=7", "run.tensorboard=true"])
+    assert config.optim.lr == pytest.approx(3e-4) and isinstance(config.optim.lr, float)
+    assert config.optim.betas == (0.8, 0.95)
+    assert config.run.max_steps == 7 and config.run.tensorboard is True
+    written = tmp_path / "round.yaml"
+    from rba_core.train import config_to_dict
+
+    written.write_text(yaml.safe_dump(config_to_dict(config)))
+    assert load_config(written) == config
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    Trainer(make_config(out, "run.max_steps=4", "run.checkpoint_every=2"),
+            ToyRegressionTask(samples=16)).train()
+    previous = ckpt.latest_checkpoint(out)
+    assert previous.name == "step_00000004"
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+
+    real_save = torch.save
+
+    def dies_half_way(obj, path, *args, **kwargs):
+        if Path(path).name == ckpt.RNG_NAME:
+            Path(path).write_bytes(b"half a file")
+            raise OSError("No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        Trainer(make_config(out, "run.max_steps=6", "run.checkpoint_every=2"),
+                ToyRegressionTask(samples=16)).train()
+    monkeypatch.undo()
+
+    assert ckpt.latest_checkpoint(out) == previous
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+    assert not list((out / ckpt.CHECKPOINTS).glob(".tmp-*"))
+    result = Trainer(make_config(out, "run.max_steps=6", "run.checkpoint_every=2"),
+                     ToyRegressionTask(samples=16)).train()
+    assert result.step == 6
+
+
+def test_keep_last_and_resume_errors(tmp_path):
+    out = tmp_path / "run"
+    Trainer(make_config(out, "run.max_steps=6", "run.checkpoint_every=1", "run.keep_last=2"),
+            ToyRegressionTask(samples=16)).train()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000005", "step_00000006"]
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        Trainer(make_config(out, "run.max_steps=8", "run.resume=never"),
+                ToyRegressionTask(samples=16)).train()
+    with pytest.raises(CheckpointError, match="shape"):
+        Trainer(make_config(out, "run.max_steps=8"),
+                ToyRegressionTask(samples=16, hidden=5)).train()
+    (ckpt.latest_checkpoint(out) / ckpt.STATE_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Trainer(make_config(out, "run.max_steps=8", f"run.resume={out}/checkpoints/step_00000006"),
+                ToyRegressionTask(samples=16)).train()
+
+
+class NoParameters(ToyRegressionTask):
+    def trainable_parameters(self):
+        return []
+
+
+class VectorLoss(ToyRegressionTask):
+    def loss(self, batch):
+        x, y, _ = batch
+        return (self.model(x) - y).pow(2).squeeze(1), {}
+
+
+def test_task_errors_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="trainable_parameters\\(\\) is empty"):
+        Trainer(make_config(tmp_path / "a", "run.max_steps=1"), NoParameters()).train()
+    with pytest.raises(ConfigError, match="scalar tensor"):
+        Trainer(make_config(tmp_path / "b", "run.max_steps=1"), VectorLoss()).train()
+    with pytest.raises(ConfigError, match="fewer than optim.grad_accum"):
+        Trainer(make_config(tmp_path / "c", "run.max_steps=1", "optim.grad_accum=5"),
+                ToyRegressionTask(samples=16)).train()
+    with pytest.raises(ConfigError, match="fsdp_modules"):
+        task = ToyRegressionTask(samples=16)
+        task.fsdp_modules = lambda: []
+        Trainer(make_config(tmp_path / "d", "run.max_steps=1", "run.strategy=fsdp"),
+                task).train()
+
+
+def test_schedule_shape_and_logged_learning_rates(tmp_path):
+    config = ScheduleConfig(kind="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    total = 20
+    values = [lr_multiplier(step, total, config) for step in range(total + 1)]
+    for step in range(4):
+        assert values[step] == pytest.approx((step + 1) / 4)
+    for step in range(4, total + 1):
+        expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 4) / 16))
+        assert values[step] == pytest.approx(expected)
+    assert all(a < b for a, b in zip(values[:4], values[1:4]))
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert values[4] == pytest.approx(1.0) and values[total] == pytest.approx(0.1)
+    constant = ScheduleConfig(kind="constant", warmup_steps=2)
+    assert [lr_multiplier(s, 10, constant) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+    Trainer(make_config(tmp_path, "run.max_steps=6", "optim.lr=0.01",
+                        "schedule.warmup_steps=2", "schedule.min_lr_ratio=0.2"),
+            ToyRegressionTask(samples=32)).train()
+    logged = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    schedule = ScheduleConfig(warmup_steps=2, min_lr_ratio=0.2)
+    assert logged == pytest.approx([0.01 * lr_multiplier(s, 6, schedule) for s in range(6)])
+
+
+def test_metrics_file_and_plot(tmp_path, caplog):
+    result = Trainer(make_config(tmp_path, "run.max_steps=4", "run.log_every=2"),
+                     ToyRegressionTask(samples=32)).train()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        assert {"loss", "lr", "grad_norm", "mse", "tokens_per_s", "skipped_steps"} <= set(record)
+    assert records[-1]["tokens_seen"] == 4 * 4
+    assert result.last_metrics["step"] == 4
+    png = tmp_path / "curves.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with caplog.at_level(logging.WARNING, logger="rba.train"):
+            assert plot_metrics(tmp_path / "metrics.jsonl", png) is False
+        assert "matplotlib is not installed" in caplog.text and not png.exists()
+    else:
+        assert plot_metrics(tmp_path / "metrics.jsonl", png) is True
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["run"]["max_steps"] == 4
+
+
+def test_checkpoint_holds_trainable_weights_only(tmp_path):
+    task = ToyRegressionTask(samples=16)
+    Trainer(make_config(tmp_path, "run.max_steps=2"), task).train()
+    folder = ckpt.latest_checkpoint(tmp_path)
+    shapes = [tuple(p.shape) for p in task.trainable_parameters()]
+    saved = ckpt.read_params(folder, shapes)
+    assert len(saved) == len(task.trainable_parameters()) < len(list(task.model.parameters()))
+    for got, want in zip(saved, task.trainable_parameters()):
+        assert torch.equal(got, want.detach())
+    state = json.loads((folder / ckpt.STATE_NAME).read_text())
+    assert (state["step"], state["epoch"], state["position"]) == (2, 0, 2)
