@@ -197,8 +197,7 @@ class Trainer:
         """Restore weights, optimizer, scheduler and counters; return the state and RNG list
         (RNG is restored after the data iterator has been advanced)."""
         state = ckpt.read_state(folder)
-        shapes = [tuple(dd.full_tensor(p.detach()).shape) if dd._is_dtensor(p) else
-                  tuple(p.shape) for p in self.params]
+        shapes = [tuple(p.shape) for p in self.params]  # a DTensor's shape is the whole one
         for param, saved in zip(self.params, ckpt.read_params(folder, shapes)):
             dd.load_full_into(param, saved)
         optimizer_state = ckpt.read_torch(folder, ckpt.OPTIMIZER_NAME)

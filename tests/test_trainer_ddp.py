@@ -1,0 +1,97 @@
+"""``torchrun --nproc_per_node=2`` (gloo): two ranks on half batches take the same steps as one
+process on the combined batch, with data-parallel all-reduce and with FSDP2 sharding (including
+a resume from a sharded checkpoint), and a NaN on one rank skips the step on both.
+
+The test launches this file as the torchrun worker script.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SETTINGS = ["run.progress=false", "run.plot=false", "run.max_epochs=0", "run.device=cpu",
+            "run.dtype=float32", "schedule.kind=constant", "schedule.warmup_steps=2",
+            "optim.grad_clip=0.5", "optim.weight_decay=0.01", "seed=5"]
+POISON = ((0, 1),)
+
+
+def make_task(batch_size: int, poison=()):
+    from rba_core.train.toy import ToyRegressionTask
+
+    return ToyRegressionTask(samples=32, batch_size=batch_size, dropout=0.0, noise=False,
+                             init_seed=1, poison=poison)
+
+
+def run(output: Path, task, *overrides: str):
+    from rba_core.train import Trainer, TrainerConfig, build_config
+
+    config = build_config(TrainerConfig, {},
+                          [*SETTINGS, f"run.output_dir={output}", *overrides])
+    return Trainer(config, task).train()
+
+
+def trained(task) -> list[torch.Tensor]:
+    from rba_core.train.distributed import full_tensor
+
+    return [full_tensor(p.detach()).clone() for p in task.trainable_parameters()]
+
+
+def worker(out: Path) -> None:
+    from rba_core.train import init_distributed, shutdown
+
+    info = init_distributed("cpu")
+    results = {}
+
+    task = make_task(4)
+    summary = run(out / "ddp", task, "run.max_steps=4")
+    results["ddp"] = (trained(task), summary.skipped_steps)
+
+    # FSDP: two steps, then a fresh sharded task resumes from the whole-tensor checkpoint.
+    run(out / "fsdp", make_task(4), "run.max_steps=2", "run.strategy=fsdp")
+    task = make_task(4)
+    summary = run(out / "fsdp", task, "run.max_steps=4", "run.strategy=fsdp")
+    results["fsdp"] = (trained(task), summary.skipped_steps)
+
+    task = make_task(4, poison=POISON if info.rank == 1 else ())
+    summary = run(out / "nan", task, "run.max_steps=3")
+    results["nan"] = (trained(task), summary.skipped_steps)
+
+    if info.rank == 0:
+        torch.save(results, out / "results.pt")
+        (out / "world.json").write_text(json.dumps({"world_size": info.world_size}))
+    shutdown(info)
+
+
+def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", __file__, str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((tmp_path / "world.json").read_text()) == {"world_size": 2}
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
+
+    expected = {}
+    for name, steps, poison in (("ddp", 4, ()), ("fsdp", 4, ()), ("nan", 3, POISON)):
+        task = make_task(8, poison=poison)
+        summary = run(tmp_path / f"single-{name}", task, f"run.max_steps={steps}")
+        expected[name] = (trained(task), summary.skipped_steps)
+    start = trained(make_task(8))
+
+    for name in ("ddp", "fsdp", "nan"):
+        got, skipped = results[name]
+        want, want_skipped = expected[name]
+        assert skipped == want_skipped == (1 if name == "nan" else 0), name
+        assert len(got) == len(want)
+        for a, b, initial in zip(got, want, start):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+            assert not torch.equal(a, initial), f"{name}: weights did not move"
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
