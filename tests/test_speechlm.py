@@ -65,6 +65,11 @@ def write_tiny_llm(folder: Path, words=WORDS, *, seed: int = 0) -> Path:
     with torch.no_grad():
         # Smaller embeddings than N(0, 1) keep the tied head's logits in a trainable range.
         model.model.embed_tokens.weight.mul_(0.3)
+        # At the default init, random attention is nearly uniform, so a prefix can barely steer
+        # a frozen random LLM; sharper attention makes it as steerable as a trained one.
+        for layer in model.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, name).weight.mul_(3.0)
     torch.random.set_rng_state(generator_state)
     save_pretrained(folder, model.state_dict(), config, kind="full")
     return folder

@@ -1,0 +1,149 @@
+"""SFT and KD losses on a tiny random SpeechLM: each overfits a fixed batch with only the
+adapter trainable, fused equals unfused, the teacher is the LLM on the transcript with LoRA
+off; teacher_loglik against a plain forward; chrF by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rba_core.data import SpeechDataset
+from rba_core.distill import chrf, kd_loss, sft_loss, teacher_loglik
+from rba_core.errors import ConfigError
+from rba_core.lora import LoraConfig, lora_modules
+from rba_core.prompts import teacher_messages, teacher_prompt_ids
+from test_speechlm import tiny_speechlm, write_dataset
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    slm = tiny_speechlm(tmp_path / "llm")
+    dataset = SpeechDataset(write_dataset(tmp_path / "data"), "train", slm.tokenizer)
+    batch = dataset.batch(range(len(dataset)))
+    assert batch is not None and len(batch) == 3
+    return slm, batch
+
+
+def _train(slm, loss_fn, steps: int, lr: float) -> list[float]:
+    optimizer = torch.optim.Adam(slm.trainable_parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss, metrics = loss_fn()
+        assert metrics["loss"] == pytest.approx(float(loss.detach()))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_sft_overfits_a_fixed_batch(setup):
+    slm, batch = setup
+    losses = _train(slm, lambda: sft_loss(slm, batch), steps=60, lr=1e-2)
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_kd_overfits_a_fixed_batch(setup, kind):
+    slm, batch = setup
+    teacher, _ = slm.load_teacher()
+    losses = _train(slm, lambda: kd_loss(slm, teacher, batch, kind=kind), steps=40, lr=1e-2)
+    assert losses[-1] < 0.4 * losses[0], losses[::10]
+
+
+def test_fused_losses_equal_the_unfused_reference(setup):
+    slm, batch = setup
+    teacher, _ = slm.load_teacher()
+    for fn in (lambda fused: sft_loss(slm, batch, fused=fused),
+               lambda fused: kd_loss(slm, teacher, batch, kind="jsd", temperature=1.5,
+                                     fused=fused),
+               lambda fused: kd_loss(slm, teacher, batch, reduction="sum", fused=fused)):
+        results = []
+        for fused in (True, False):
+            slm.zero_grad()
+            loss, _ = fn(fused)
+            loss.backward()
+            results.append((loss.detach(), slm.adapter.linear_1.weight.grad.clone()))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
+
+
+def test_sft_loss_is_the_response_nll(setup):
+    slm, batch = setup
+    loss, metrics = sft_loss(slm, batch)
+    # Independent: full logits over each row's own unpadded sequence.
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        embeds, mask = slm.embed_speech_pieces(batch.features, batch.frame_lengths,
+                                               batch.prompt_before, batch.prompt_after)
+        for b in range(len(batch)):
+            response = batch.response_ids[b, batch.response_mask[b]]
+            row = torch.cat([embeds[b, mask[b]], slm.llm.embed(response)])
+            logits = slm.llm(inputs_embeds=row[None])[0].log_softmax(-1)
+            start = int(mask[b].sum()) - 1
+            picked = logits[start: start + response.numel()].gather(-1, response[:, None])
+            nll -= float(picked.sum())
+            count += response.numel()
+    assert metrics["tokens"] == count == batch.num_tokens
+    assert float(loss) == pytest.approx(nll / count, rel=1e-4)
+
+
+def test_kd_teacher_reads_the_transcript_with_lora_off(tmp_path):
+    slm = tiny_speechlm(tmp_path / "llm", lora=LoraConfig(rank=2))
+    dataset = SpeechDataset(write_dataset(tmp_path / "data"), "train", slm.tokenizer)
+    batch = dataset.batch([0, 1])
+    teacher, _ = slm.load_teacher()
+    before = slm.teacher_hidden(teacher, batch.teacher_prompt_ids, batch.response_ids,
+                                batch.response_mask)
+    with torch.no_grad():
+        for module in lora_modules(slm.llm).values():
+            module.lora_B.normal_()
+    after = slm.teacher_hidden(teacher, batch.teacher_prompt_ids, batch.response_ids,
+                               batch.response_mask)
+    mask = batch.response_mask
+    torch.testing.assert_close(after[mask], before[mask])
+    loss, _ = kd_loss(slm, teacher, batch)
+    loss.backward()
+    assert all(module.lora_A.grad is not None for module in lora_modules(slm.llm).values())
+    assert after.grad_fn is None
+
+
+def test_kd_and_sft_reject_bad_options(setup):
+    slm, batch = setup
+    teacher, _ = slm.load_teacher()
+    with pytest.raises(ConfigError, match="kind"):
+        kd_loss(slm, teacher, batch, kind="kl")
+    with pytest.raises(ConfigError, match="temperature"):
+        kd_loss(slm, teacher, batch, temperature=0)
+    with pytest.raises(ConfigError, match="reduction"):
+        sft_loss(slm, batch, reduction="none")
+
+
+def test_teacher_loglik_matches_a_plain_forward(setup):
+    slm, _ = setup
+    tokenizer = slm.tokenizer
+    prompts = [teacher_prompt_ids(tokenizer, teacher_messages({"instruction": text}))
+               for text in ("what is the capital of france ?", "say hello")]
+    answers = [tokenizer.encode("paris .") + [tokenizer.eos_id], tokenizer.encode("hello world")]
+    result = teacher_loglik(slm.llm, prompts, answers)
+    for b in range(2):
+        ids = torch.tensor(prompts[b] + answers[b])
+        with torch.no_grad():
+            logp = slm.llm(ids[None])[0].log_softmax(-1)
+        start = len(prompts[b]) - 1
+        expected = sum(float(logp[start + i, t]) for i, t in enumerate(answers[b]))
+        assert float(result.total[b]) == pytest.approx(expected, rel=1e-4)
+        assert int(result.tokens[b]) == len(answers[b])
+    assert float(result.per_token[0]) == pytest.approx(float(result.total[0]) / len(answers[0]))
+
+
+def test_chrf_by_hand():
+    assert chrf("the cat", "the cat") == 100.0
+    assert chrf("abc", "xyz") == 0.0
+    assert chrf("a b", "ab") == 100.0     # whitespace is ignored
+    # "ab" vs "abc": 1-grams P=2/2, R=2/3; 2-grams P=1/1, R=1/2; no 3-grams in "ab".
+    # P=1, R=7/12, F2 = 5PR / (4P + R) = 35/55.
+    assert chrf("ab", "abc") == pytest.approx(100 * 35 / 55)
+    assert chrf("abc", "ab") == pytest.approx(100 * 35 / 40)   # P and R swap: 5*(7/12)/(4*7/12+1)
+    assert chrf("", "") == 100.0 and chrf("", "a") == 0.0
+    with pytest.raises(ConfigError):
+        chrf("a", "b", order=0)
