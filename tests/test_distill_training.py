@@ -84,7 +84,7 @@ def test_sft_loss_is_the_response_nll(setup):
             nll -= float(picked.sum())
             count += response.numel()
     assert metrics["tokens"] == count == batch.num_tokens
-    assert float(loss) == pytest.approx(nll / count, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(nll / count, rel=1e-4)
 
 
 def test_kd_teacher_reads_the_transcript_with_lora_off(tmp_path):
