@@ -150,18 +150,28 @@ class TrainerConfig:
 
 @dataclass
 class ModelConfig:
-    """The SpeechLM's parts. ``None`` paths mean the models that ``rba prepare`` converts."""
+    """The SpeechLM's parts. ``None`` paths mean the models that ``rba prepare`` converts, the
+    student's own LLM as teacher, and a fresh adapter. ``lora_rank`` 0 leaves the LLM frozen."""
 
     encoder: str | None = None
     llm: str | None = None
     teacher: str | None = None
     adapter: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("encoder", "llm", "teacher", "adapter"):
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
                 _fail(f"{prefix}.{name}", "an existing path or null (the default model)", value)
+        _at_least(f"{prefix}.lora_rank", self.lora_rank, 0)
+        _finite(f"{prefix}.lora_alpha", self.lora_alpha, 0.0, low_open=True,
+                allowed="a finite number > 0")
+        if not self.lora_targets or not all(self.lora_targets):
+            _fail(f"{prefix}.lora_targets", "a non-empty list of projection names such as "
+                  "[q_proj, v_proj]", list(self.lora_targets))
 
 
 @dataclass
@@ -171,12 +181,18 @@ class DataConfig:
     dir: str = "data/speech"
     split: str = "train"
     batch_size: int = 8
+    max_duration: float = 30.0
+    max_response_tokens: int | None = None
 
     def validate(self, prefix: str = "data") -> None:
         if not self.dir:
             _fail(f"{prefix}.dir", "a dataset folder holding manifest.jsonl", self.dir)
         _choice(f"{prefix}.split", self.split, ("train", "heldout"))
         _at_least(f"{prefix}.batch_size", self.batch_size, 1)
+        _finite(f"{prefix}.max_duration", self.max_duration, 0.0, 30.0, low_open=True,
+                allowed="a number of seconds in (0, 30] (Whisper's window)")
+        if self.max_response_tokens is not None:
+            _at_least(f"{prefix}.max_response_tokens", self.max_response_tokens, 1)
 
 
 @dataclass
@@ -185,11 +201,14 @@ class LossConfig:
 
     kind: str = "forward_kl"
     temperature: float = 2.0
+    jsd_beta: float = 0.5
 
     def validate(self, prefix: str = "loss") -> None:
         _choice(f"{prefix}.kind", self.kind, KD_KINDS)
         _finite(f"{prefix}.temperature", self.temperature, 0.0, low_open=True,
                 allowed="a finite number > 0")
+        _finite(f"{prefix}.jsd_beta", self.jsd_beta, 0.0, 1.0, low_open=True, high_open=True,
+                allowed="a number in (0, 1)")
 
 
 @dataclass
@@ -254,6 +273,12 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, str):
             _fail(name, "a string", value)
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            _fail(name, "a list", value)
+        return tuple(_coerce(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             _fail(name, f"a list of {len(args)} numbers", value)

@@ -32,7 +32,9 @@ class TrainTask(Protocol):
 
     ``train_batches`` must be a pure function of its arguments (same batches in the same order
     for the same epoch, rank, world size and seed): exact resume replays it and skips the
-    batches already trained on. Optional methods the trainer uses when present:
+    batches already trained on (or, when the returned object has ``iter_from(n)``, asks it to
+    start at batch ``n`` without loading the ones before). Optional methods the trainer uses
+    when present:
     ``state_dict()`` / ``load_state_dict(state)`` for state beyond the parameters, and
     ``fsdp_modules() -> list[nn.Module]`` (innermost first) for ``run.strategy=fsdp``.
     """
@@ -67,8 +69,7 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(derived)
 
 
-class _StopRun(Exception):
-    pass
+_END = object()
 
 
 class Trainer:
@@ -396,10 +397,14 @@ class Trainer:
         try:
             while step < total_steps and (run.max_epochs == 0 or epoch < run.max_epochs):
                 batches = self.task.train_batches(epoch, info.rank, info.world_size, config.seed)
-                iterator = iter(batches)
-                for _ in range(position):
-                    if next(iterator, _StopRun) is _StopRun:
-                        break
+                iter_from = getattr(batches, "iter_from", None)
+                if callable(iter_from):
+                    iterator = iter(iter_from(position))
+                else:
+                    iterator = iter(batches)
+                    for _ in range(position):
+                        if next(iterator, _END) is _END:
+                            break
                 if rng_states is not None:
                     ckpt.restore_rng(rng_states[info.rank])
                     rng_states = None

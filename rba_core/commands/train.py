@@ -1,0 +1,82 @@
+"""``rba train``: SFT or KD of the SpeechLM's adapter on a dataset folder.
+
+    rba train --config rba_core/train/configs/kd.yaml data.dir=data/speech run.max_steps=200
+    torchrun --nproc_per_node=4 -m rba_core.cli train --config kd.yaml data.dir=data/speech
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the SpeechLM (sft or kd) on a synthesized dataset",
+        description="Train the SpeechLM's adapter (and LoRA, if configured) with SFT or KD. "
+                    "Settings come from a YAML file (see rba_core/train/configs/) and "
+                    "section.field=value overrides. Launch under torchrun for several "
+                    "processes; a run resumes from its output folder's newest checkpoint.",
+    )
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML configuration (default: the built-in defaults, task kd)")
+    parser.add_argument("--resume", metavar="CHECKPOINT", nargs="?", const="auto", default=None,
+                        help="resume: alone, from the newest checkpoint in run.output_dir; with "
+                             "a folder, from that checkpoint (same as run.resume=...)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides such as optim.lr=3e-4 run.max_steps=100 task=sft")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import yaml
+
+    from rba_core.train import (
+        Trainer, TrainConfig, build_config, config_to_dict, init_distributed, load_config,
+        seed_everything, shutdown,
+    )
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"run.resume={args.resume}")
+    if args.config is not None:
+        config = load_config(args.config, overrides)
+    else:
+        config = build_config(TrainConfig, {}, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        return 0
+
+    from rba_core.train.speech_task import build_speech_task, describe
+
+    info = init_distributed(config.run.device)
+    try:
+        if info.is_main:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        # The same seed on every rank gives every replica the same fresh adapter.
+        seed_everything(config.seed)
+        task = build_speech_task(config, info.device)
+        if info.is_main:
+            facts = describe(task)
+            print(f"rba train: {facts['task']} on {facts['rows']} rows of {config.data.dir} "
+                  f"({facts['trainable_parameters']:,} of {facts['parameters']:,} parameters "
+                  f"trainable; {info.world_size} process(es) on {info.device})",
+                  file=sys.stderr)
+            if facts["skipped_rows"]:
+                print(f"rba train: skipped manifest rows: {facts['skipped_rows']}",
+                      file=sys.stderr)
+        result = Trainer(config, task, dist_info=info).train()
+        if info.is_main:
+            adapter_dir = result.output_dir / "adapter"
+            task.speechlm.save_trainable(adapter_dir)
+            loss = result.last_metrics.get("loss")
+            print(f"rba train: {result.step} steps ({result.skipped_steps} skipped), last loss "
+                  f"{loss if loss is None else f'{loss:.4f}'}; adapter in {adapter_dir}, "
+                  f"metrics in {result.output_dir / 'metrics.jsonl'}")
+    finally:
+        shutdown(info)
+    return 0

@@ -1,0 +1,155 @@
+"""SFT and KD of the SpeechLM as a :class:`rba_core.train.TrainTask`.
+
+This module is the bridge between the audio-free trainer and the SpeechLM: it builds the model,
+the teacher and the dataset from a :class:`TrainConfig`, hands out length-bucketed batches per
+rank and computes ``sft_loss`` / ``kd_loss``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from rba_core.errors import ConfigError
+from rba_core.train.config import LossConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from rba_core.data import SpeechBatch, SpeechDataset
+    from rba_core.models.llama import LlamaForCausalLM
+    from rba_core.speechlm import SpeechLM
+
+DEFAULT_ENCODER = "whisper-tiny.en"
+DEFAULT_LLM = "smollm2-135m-instruct"
+
+
+class EpochBatches:
+    """One rank's batches of one epoch: ``data.batch_size`` rows per rank, cut from global
+    length-bucketed batches of ``batch_size * world_size`` rows. Loads audio lazily."""
+
+    def __init__(self, dataset: "SpeechDataset", batch_size: int, *, seed: int, epoch: int,
+                 rank: int, world_size: int) -> None:
+        self.dataset = dataset
+        self.rank = rank
+        self.world_size = world_size
+        batches = dataset.batch_indices(batch_size * world_size, seed=seed, epoch=epoch)
+        # A global batch smaller than the world would leave some rank without a row.
+        self.batches = [b for b in batches if len(b) >= world_size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator["SpeechBatch | None"]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator["SpeechBatch | None"]:
+        from rba_core.data import shard_batch
+
+        for indices in self.batches[start:]:
+            yield self.dataset.batch(shard_batch(indices, self.rank, self.world_size))
+
+
+class SpeechDistillTask:
+    """``task="sft"``: cross-entropy of the teacher's responses given the speech;
+    ``task="kd"``: the fused distillation loss against ``teacher`` reading the transcript.
+    ``fused=False`` uses the eager reference loss over materialised logits (benchmarks)."""
+
+    def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *, task: str,
+                 batch_size: int, loss: LossConfig | None = None,
+                 teacher: "LlamaForCausalLM | None" = None, fused: bool = True) -> None:
+        if task not in ("sft", "kd"):
+            raise ConfigError(f"task must be 'sft' or 'kd', got {task!r}")
+        if task == "kd" and teacher is None:
+            raise ConfigError("task 'kd' needs a teacher LLM (SpeechLM.load_teacher())")
+        if len(dataset) == 0:
+            raise ConfigError(f"{dataset.root}: no usable rows in split {dataset.split!r} "
+                              f"(skipped: {dict(dataset.skipped) or 'none'})")
+        self.speechlm = speechlm
+        self.dataset = dataset
+        self.task = task
+        self.batch_size = batch_size
+        self.loss_config = loss or LossConfig()
+        self.teacher = teacher
+        self.fused = fused
+        speechlm.train()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.speechlm.trainable_parameters()
+
+    def fsdp_modules(self) -> list[nn.Module]:
+        # The decoder and encoder layers hold nearly all weights; embeddings, norms and the
+        # LM head are read outside any layer's forward (splicing, fused losses) and so stay
+        # whole on every rank.
+        return [*self.speechlm.llm.model.layers, *self.speechlm.encoder.layers]
+
+    def train_batches(self, epoch: int, rank: int, world_size: int, seed: int) -> EpochBatches:
+        return EpochBatches(self.dataset, self.batch_size, seed=seed, epoch=epoch, rank=rank,
+                            world_size=world_size)
+
+    def loss(self, batch: "SpeechBatch | None") -> tuple[torch.Tensor, dict[str, float]]:
+        from rba_core.distill import kd_loss, sft_loss
+
+        if batch is None:
+            # No row of this rank's share loaded (the dataset counted why). A zero loss keeps
+            # every rank stepping together and adds nothing to the gradient.
+            zero = sum(p.sum() for p in self.trainable_parameters()) * 0.0
+            return zero, {"empty_batches": 1.0}
+        batch = batch.to(self.speechlm.device)
+        if self.task == "sft":
+            return sft_loss(self.speechlm, batch, fused=self.fused)
+        return kd_loss(self.speechlm, self.teacher, batch, kind=self.loss_config.kind,
+                       temperature=self.loss_config.temperature,
+                       jsd_beta=self.loss_config.jsd_beta, fused=self.fused)
+
+
+def _model_dir(given: str | None, name: str, field: str) -> Path:
+    from rba_core.prepare import default_model_dir
+
+    if given is not None:
+        return Path(given)
+    folder = Path(default_model_dir(name))
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{field} is null (the default {name}) but that model is not prepared "
+                          f"at {folder}; run `rba prepare` or set {field}=DIR")
+    return folder
+
+
+def build_speech_task(config: TrainConfig, device: torch.device) -> SpeechDistillTask:
+    """The SpeechLM, its teacher (kd) and the dataset that ``config`` names, on ``device``.
+
+    Weights load in float32; bf16 comes from the trainer's autocast on GPU.
+    """
+    from rba_core.data import SpeechDataset
+    from rba_core.lora import LoraConfig
+    from rba_core.speechlm import SpeechLM
+
+    model = config.model
+    lora = None
+    if model.lora_rank > 0:
+        lora = LoraConfig(rank=model.lora_rank, alpha=model.lora_alpha,
+                          targets=tuple(model.lora_targets))
+    speechlm = SpeechLM.from_pretrained(
+        _model_dir(model.encoder, DEFAULT_ENCODER, "model.encoder"),
+        _model_dir(model.llm, DEFAULT_LLM, "model.llm"),
+        model.adapter, device=device, lora=lora)
+    teacher = None
+    teacher_tokenizer = None
+    if config.task == "kd":
+        teacher, teacher_tokenizer = speechlm.load_teacher(model.teacher)
+    dataset = SpeechDataset(config.data.dir, config.data.split, speechlm.tokenizer,
+                            teacher_tokenizer=teacher_tokenizer,
+                            max_duration=config.data.max_duration,
+                            max_response_tokens=config.data.max_response_tokens,
+                            n_mels=speechlm.n_mels)
+    return SpeechDistillTask(speechlm, dataset, task=config.task,
+                             batch_size=config.data.batch_size, loss=config.loss,
+                             teacher=teacher)
+
+
+def describe(task: SpeechDistillTask) -> dict[str, Any]:
+    """Counts worth printing at the start of a run."""
+    trainable = sum(p.numel() for p in task.trainable_parameters())
+    total = sum(p.numel() for p in task.speechlm.parameters())
+    return {"task": task.task, "rows": len(task.dataset), "skipped_rows": dict(task.dataset.skipped),
+            "trainable_parameters": trainable, "parameters": total}
