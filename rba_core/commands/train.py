@@ -20,9 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML configuration (default: the built-in defaults, task kd)")
-    parser.add_argument("--resume", metavar="CHECKPOINT", nargs="?", const="auto", default=None,
-                        help="resume: alone, from the newest checkpoint in run.output_dir; with "
-                             "a folder, from that checkpoint (same as run.resume=...)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in run.output_dir from its newest checkpoint, "
+                             "and fail if it has none (run.resume=auto, the default, also "
+                             "resumes but starts afresh when there is no checkpoint; "
+                             "run.resume=DIR resumes from one checkpoint folder)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -41,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"run.resume={args.resume}")
+    if args.resume:
+        overrides.append("run.resume=auto")
     if args.config is not None:
         config = load_config(args.config, overrides)
     else:
@@ -50,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
+    if args.resume:
+        from rba_core.errors import CheckpointError
+        from rba_core.train.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(config.run.output_dir) is None:
+            raise CheckpointError(f"--resume: {config.run.output_dir} holds no checkpoint; "
+                                  "check run.output_dir or drop --resume to start a new run")
 
     from rba_core.train.speech_task import build_speech_task, describe
 
