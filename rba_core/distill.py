@@ -45,6 +45,12 @@ def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torc
     return total / mask.sum().clamp(min=1)
 
 
+def _head_for(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head in the hidden states' dtype: under autocast the hidden states come out in
+    bf16/fp16 while the weights stay fp32, and the fused ops take one dtype."""
+    return weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+
+
 def _student_hidden(speechlm: "SpeechLM", batch: "SpeechBatch") -> torch.Tensor:
     return speechlm.response_hidden(batch.features, batch.frame_lengths, batch.prompt_before,
                                     batch.prompt_after, batch.response_ids, batch.response_mask)
@@ -59,7 +65,7 @@ def sft_loss(speechlm: "SpeechLM", batch: "SpeechBatch", *, reduction: str = "me
 
     _check_reduction(reduction)
     hidden = _student_hidden(speechlm, batch)
-    weight = speechlm.llm.lm_head_weight
+    weight = _head_for(speechlm.llm.lm_head_weight, hidden)
     ids = batch.response_ids.to(hidden.device)
     mask = batch.response_mask.to(hidden.device).bool()
     if fused:
@@ -112,6 +118,7 @@ def kd_loss(speechlm: "SpeechLM", teacher_llm: LlamaForCausalLM, batch: "SpeechB
     teacher_hidden = speechlm.teacher_hidden(teacher_llm, batch.teacher_prompt_ids,
                                              batch.response_ids, batch.response_mask)
     hidden = _student_hidden(speechlm, batch)
+    student_weight = _head_for(student_weight, hidden)
     teacher_weight = teacher_llm.lm_head_weight.detach().to(hidden.dtype)
     teacher_hidden = teacher_hidden.to(hidden.dtype)
     if fused:
@@ -163,7 +170,8 @@ def teacher_loglik(teacher_llm: LlamaForCausalLM, prompt_ids: Sequence[Sequence[
     ids, mask = ids.to(device), mask.to(device)
     with lora_disabled(teacher_llm):
         hidden = text_response_hidden(teacher_llm, prompt_ids, ids, mask)
-    logp = fused_linear_logprobs(hidden, teacher_llm.lm_head_weight, ids, mask=mask)
+    logp = fused_linear_logprobs(hidden, _head_for(teacher_llm.lm_head_weight, hidden), ids,
+                                 mask=mask)
     return LogLik(total=logp.sum(-1), tokens=mask.sum(-1))
 
 

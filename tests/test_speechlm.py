@@ -348,3 +348,25 @@ def test_chat_on_real_default_models(tmp_path, capsys):
                                                          "--max-new-tokens", "12"], capsys)
     assert teacher_answer == direct.strip()
     assert "Paris" in teacher_answer
+
+
+def test_rollout_engine_takes_the_spliced_rows(slm):
+    from rba_core.rollout.engine import RolloutEngine
+    from rba_core.rollout.sampling import SamplingConfig
+
+    apply_lora(slm.llm, LoraConfig(rank=2))
+    _randomize_lora(slm)
+    features, lengths = _features(slm)
+    prompts = [student_messages({"instruction": ""})] * 2
+    expected = slm.generate(features, lengths, prompts, max_new_tokens=4)
+    pieces = [slm.split_prompt(m) for m in prompts]
+    with torch.no_grad():
+        rows = slm.speech_prompt_rows(features, lengths, [p[0] for p in pieces],
+                                      [p[1] for p in pieces])
+    engine = RolloutEngine(slm.llm, max_prompt_len=64, max_new_tokens=4,
+                           attention_backend="torch")
+    out = engine.generate(rows, 1, SamplingConfig(temperature=0.0, max_new_tokens=4,
+                                                  stop_ids=tuple(slm.tokenizer.stop_ids)),
+                          seeds=[0, 1])
+    for b in range(2):
+        assert out.tokens[b, 0, : int(out.lengths[b, 0])].tolist() == expected[b]
