@@ -111,9 +111,10 @@ def kd_loss(speechlm: "SpeechLM", teacher_llm: LlamaForCausalLM, batch: "SpeechB
         raise ConfigError(f"kd_loss: temperature must be a number > 0, got {temperature!r}")
     student_weight = speechlm.llm.lm_head_weight
     if teacher_llm.lm_head_weight.shape[0] != student_weight.shape[0]:
-        raise ConfigError(f"kd_loss: the teacher's LM head has {teacher_llm.lm_head_weight.shape[0]}"
-                          f" rows, the student's {student_weight.shape[0]}; load the teacher "
-                          "with SpeechLM.load_teacher, which checks the vocabulary")
+        rows = teacher_llm.lm_head_weight.shape[0]
+        raise ConfigError(f"kd_loss: the teacher's LM head has {rows} rows, the student's "
+                          f"{student_weight.shape[0]}; load the teacher with "
+                          "SpeechLM.load_teacher, which checks the vocabulary")
     mask = batch.response_mask.to(speechlm.device).bool()
     teacher_hidden = speechlm.teacher_hidden(teacher_llm, batch.teacher_prompt_ids,
                                              batch.response_ids, batch.response_mask)

@@ -197,8 +197,9 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], *,
             problems.append(f"unexpected: {', '.join(unexpected)}")
         if misshaped:
             problems.append(f"wrong shapes: {', '.join(misshaped)}")
-        raise CheckpointError(f"{source}: LoRA weights do not match the model ({'; '.join(problems)})"
-                              "; load them with the LoRA config they were trained with")
+        raise CheckpointError(f"{source}: LoRA weights do not match the model "
+                              f"({'; '.join(problems)}); load them with the LoRA config they "
+                              "were trained with")
     with torch.no_grad():
         for name, parameter in expected.items():
             parameter.copy_(tensors[name])

@@ -11,7 +11,8 @@ from rba_core.distill import chrf, kd_loss, sft_loss, teacher_loglik
 from rba_core.errors import ConfigError
 from rba_core.lora import LoraConfig, lora_modules
 from rba_core.prompts import teacher_messages, teacher_prompt_ids
-from test_speechlm import tiny_speechlm, write_dataset
+from rba_core.models.llama import LlamaForCausalLM
+from test_speechlm import tiny_speechlm, write_dataset, write_tiny_llm
 
 
 @pytest.fixture()
@@ -107,9 +108,12 @@ def test_kd_teacher_reads_the_transcript_with_lora_off(tmp_path):
     assert after.grad_fn is None
 
 
-def test_kd_and_sft_reject_bad_options(setup):
+def test_kd_and_sft_reject_bad_options(setup, tmp_path):
     slm, batch = setup
     teacher, _ = slm.load_teacher()
+    padded = LlamaForCausalLM.from_pretrained(write_tiny_llm(tmp_path / "padded", padded_rows=4))
+    with pytest.raises(ConfigError, match="LM head has"):
+        kd_loss(slm, padded, batch)
     with pytest.raises(ConfigError, match="kind"):
         kd_loss(slm, teacher, batch, kind="kl")
     with pytest.raises(ConfigError, match="temperature"):

@@ -36,7 +36,7 @@ SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 HIDDEN = 32
 
 
-def write_tiny_llm(folder: Path, words=WORDS, *, seed: int = 0) -> Path:
+def write_tiny_llm(folder: Path, words=WORDS, *, seed: int = 0, padded_rows: int = 0) -> Path:
     """A random 2-layer Llama with a ChatML word-level tokenizer, saved as an HF folder."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, normalizers, pre_tokenizers
@@ -54,7 +54,7 @@ def write_tiny_llm(folder: Path, words=WORDS, *, seed: int = 0) -> Path:
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
         "unk_token": "<|endoftext|>", "chat_template": CHATML}))
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-              "vocab_size": len(vocab), "hidden_size": HIDDEN, "intermediate_size": 64,
+              "vocab_size": len(vocab) + padded_rows, "hidden_size": HIDDEN, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
     from rba_core.models.llama import LlamaConfig
@@ -132,7 +132,8 @@ def _features(slm: SpeechLM, seconds=(0.9, 0.45)):
 def test_splice_puts_audio_exactly_at_the_placeholder(slm):
     features, lengths = _features(slm)
     prompts = [student_messages({"instruction": "x", "prompt": ""}),
-               student_messages({"instruction": "x", "prompt": "translate the audio into french ."})]
+               student_messages({"instruction": "x",
+                                 "prompt": "translate the audio into french ."})]
     embeds, mask = slm.embed_speech_prompts(features, lengths, prompts)
 
     # Independent expectation: render, cut the string at the marker, embed each side by table
@@ -224,7 +225,8 @@ def test_only_the_adapter_trains_by_default(slm):
 
 def _response_logits(slm: SpeechLM, features, lengths):
     before, after = slm.split_prompt(student_messages({"instruction": ""}))
-    ids = torch.tensor([slm.tokenizer.encode("paris is blue ."), slm.tokenizer.encode("hello . a b")])
+    ids = torch.tensor([slm.tokenizer.encode("paris is blue ."),
+                        slm.tokenizer.encode("hello . a b")])
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, 3:] = False
     with torch.no_grad():
@@ -315,6 +317,9 @@ def test_teacher_must_share_the_vocabulary(slm, tmp_path):
     other = write_tiny_llm(tmp_path / "other", words=("red", "green", "blue", *WORDS))
     with pytest.raises(TokenizerError, match="same ids"):
         slm.load_teacher(other)
+    padded = write_tiny_llm(tmp_path / "padded", padded_rows=8)
+    with pytest.raises(TokenizerError, match="LM head has"):
+        slm.load_teacher(padded)
 
 
 def _run_command(module_name: str, argv: list[str], capsys) -> str:
