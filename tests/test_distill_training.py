@@ -10,8 +10,8 @@ from rba_core.data import SpeechDataset
 from rba_core.distill import chrf, kd_loss, sft_loss, teacher_loglik
 from rba_core.errors import ConfigError
 from rba_core.lora import LoraConfig, lora_modules
-from rba_core.prompts import teacher_messages, teacher_prompt_ids
 from rba_core.models.llama import LlamaForCausalLM
+from rba_core.prompts import teacher_messages, teacher_prompt_ids
 from test_speechlm import tiny_speechlm, write_dataset, write_tiny_llm
 
 
