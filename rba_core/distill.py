@@ -51,13 +51,20 @@ def _head_for(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
 
 
-def _student_hidden(speechlm: "SpeechLM", batch: "SpeechBatch") -> torch.Tensor:
-    return speechlm.response_hidden(batch.features, batch.frame_lengths, batch.prompt_before,
-                                    batch.prompt_after, batch.response_ids, batch.response_mask)
+def _unwrap(speechlm: torch.nn.Module) -> "SpeechLM":
+    """The SpeechLM inside a DistributedDataParallel wrapper (or the SpeechLM itself)."""
+    return getattr(speechlm, "module", speechlm)
 
 
-def sft_loss(speechlm: "SpeechLM", batch: "SpeechBatch", *, reduction: str = "mean",
-             fused: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+def _student_hidden(speechlm: torch.nn.Module, batch: "SpeechBatch") -> torch.Tensor:
+    # Called through the module (not .response_hidden) so a DDP wrapper sees the forward.
+    return speechlm(batch.features, batch.frame_lengths, batch.prompt_before,
+                    batch.prompt_after, batch.response_ids, batch.response_mask)
+
+
+def sft_loss(speechlm: "SpeechLM | torch.nn.Module", batch: "SpeechBatch", *,
+             reduction: str = "mean", fused: bool = True
+             ) -> tuple[torch.Tensor, dict[str, float]]:
     """Negative log-likelihood of ``batch.response_ids`` given the speech: the mean over
     response tokens (``reduction="mean"``) or their sum (``"sum"``, for trainers that
     normalise by a global token count). Metrics: loss, nll (per token), tokens, samples."""
@@ -65,7 +72,7 @@ def sft_loss(speechlm: "SpeechLM", batch: "SpeechBatch", *, reduction: str = "me
 
     _check_reduction(reduction)
     hidden = _student_hidden(speechlm, batch)
-    weight = _head_for(speechlm.llm.lm_head_weight, hidden)
+    weight = _head_for(_unwrap(speechlm).llm.lm_head_weight, hidden)
     ids = batch.response_ids.to(hidden.device)
     mask = batch.response_mask.to(hidden.device).bool()
     if fused:
@@ -94,10 +101,11 @@ def _reference_distill(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str
             + (1 - jsd_beta) * (log_s.exp() * (log_s - mix)).sum(-1))
 
 
-def kd_loss(speechlm: "SpeechLM", teacher_llm: LlamaForCausalLM, batch: "SpeechBatch", *,
-            kind: str = "forward_kl", temperature: float = 2.0, jsd_beta: float = 0.5,
-            reduction: str = "mean", scale_by_temperature_squared: bool = False,
-            fused: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+def kd_loss(speechlm: "SpeechLM | torch.nn.Module", teacher_llm: LlamaForCausalLM,
+            batch: "SpeechBatch", *, kind: str = "forward_kl", temperature: float = 2.0,
+            jsd_beta: float = 0.5, reduction: str = "mean",
+            scale_by_temperature_squared: bool = False, fused: bool = True
+            ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level distillation on the response: the teacher reads the transcript prompt
     (``batch.teacher_prompt_ids``, no grad, LoRA off), the student the speech prompt; both are
     scored on ``batch.response_ids``. ``kind``: forward_kl = KL(teacher || student), reverse_kl,
@@ -109,14 +117,15 @@ def kd_loss(speechlm: "SpeechLM", teacher_llm: LlamaForCausalLM, batch: "SpeechB
         raise ConfigError(f"kd_loss: kind must be one of {', '.join(KD_KINDS)}, got {kind!r}")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ConfigError(f"kd_loss: temperature must be a number > 0, got {temperature!r}")
-    student_weight = speechlm.llm.lm_head_weight
+    core = _unwrap(speechlm)
+    student_weight = core.llm.lm_head_weight
     if teacher_llm.lm_head_weight.shape[0] != student_weight.shape[0]:
         rows = teacher_llm.lm_head_weight.shape[0]
         raise ConfigError(f"kd_loss: the teacher's LM head has {rows} rows, the student's "
                           f"{student_weight.shape[0]}; load the teacher with "
                           "SpeechLM.load_teacher, which checks the vocabulary")
-    mask = batch.response_mask.to(speechlm.device).bool()
-    teacher_hidden = speechlm.teacher_hidden(teacher_llm, batch.teacher_prompt_ids,
+    mask = batch.response_mask.to(core.device).bool()
+    teacher_hidden = core.teacher_hidden(teacher_llm, batch.teacher_prompt_ids,
                                              batch.response_ids, batch.response_mask)
     hidden = _student_hidden(speechlm, batch)
     student_weight = _head_for(student_weight, hidden)

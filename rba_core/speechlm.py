@@ -293,6 +293,14 @@ class SpeechLM(nn.Module):
         hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
         return hidden[:, width - 1: width - 1 + response_ids.shape[1]]
 
+    def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor,
+                before_ids: Sequence[Sequence[int]], after_ids: Sequence[Sequence[int]],
+                response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """``response_hidden``: the training forward, so a DDP wrapper around the SpeechLM
+        sees it (the losses call the module, or its wrapper, this way)."""
+        return self.response_hidden(features, frame_lengths, before_ids, after_ids,
+                                    response_ids, response_mask)
+
     def teacher_hidden(self, teacher: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]],
                        response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
         """The teacher's hidden states over the response given the transcript prompt, without
