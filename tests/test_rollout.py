@@ -257,9 +257,14 @@ def test_kv_memory_follows_the_shared_layout():
     assert cache.prefix_k.shape[1:4] == (1, 2, 9) and cache.suffix_k.shape[1:4] == (3, 2, 4)
 
 
-def test_sample_tokens_draws_from_the_filtered_distribution():
+@pytest.mark.parametrize("config", [
+    SamplingConfig(temperature=0.7, top_k=4),
+    SamplingConfig(temperature=1.3, top_k=5, top_p=0.8, min_p=0.05),
+    SamplingConfig(temperature=0.9, top_p=0.7),
+    SamplingConfig(temperature=1.0, min_p=0.1),
+])
+def test_sample_tokens_draws_from_the_filtered_distribution(config):
     logits = torch.randn(1, 6) * 2
-    config = SamplingConfig(temperature=0.7, top_k=4)
     n = 20000
     tokens, model_logp, sample_logp = sample_tokens(logits.expand(n, 6), torch.rand(n,
                                                     dtype=torch.float64), config)

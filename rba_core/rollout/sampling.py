@@ -82,7 +82,8 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, config: Sampling
     """Draw one token per row of ``logits [N, V]`` from ``uniforms [N]`` in [0, 1).
 
     Inverse-CDF sampling with one uniform per row keeps a request's draws a function of its own
-    seed alone. Returns (tokens [N], log-prob under the untempered model [N], log-prob under
+    seed alone. With top-k the draw is among exactly k tokens (a tie at the k-th value keeps
+    the one ``torch.topk`` returns; ``filter_logits`` would keep both). Returns (tokens [N], log-prob under the untempered model [N], log-prob under
     the sampling distribution [N]), both float32.
     """
     model_logp = torch.log_softmax(logits.float(), dim=-1)
@@ -90,9 +91,28 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, config: Sampling
         tokens = model_logp.argmax(-1)
         return tokens, model_logp.gather(-1, tokens[:, None])[:, 0], torch.zeros_like(
             model_logp[:, 0])
-    sample_logp = torch.log_softmax(filter_logits(logits, config), dim=-1)
+    if 0 < config.top_k < logits.shape[-1]:
+        # Only the k best tokens can be drawn: filter and sample among them alone, which spares
+        # a sort and a cumulative sum over the whole vocabulary at every step.
+        values, candidates = torch.topk(logits.float() / config.temperature, config.top_k, dim=-1)
+        values = _filter_sorted(values, config)
+    else:
+        values, candidates = filter_logits(logits, config), None
+    sample_logp = torch.log_softmax(values, dim=-1)
     cdf = sample_logp.double().exp().cumsum(-1)
     target = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    tokens = pick[:, 0] if candidates is None else candidates.gather(-1, pick)[:, 0]
     return (tokens, model_logp.gather(-1, tokens[:, None])[:, 0],
-            sample_logp.gather(-1, tokens[:, None])[:, 0])
+            sample_logp.gather(-1, pick)[:, 0])
+
+
+def _filter_sorted(values: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """top-p and min-p on tempered logits already sorted in descending order (the top-k)."""
+    if config.top_p < 1.0:
+        probs = torch.softmax(values, dim=-1)
+        values = values.masked_fill(probs.cumsum(-1) - probs >= config.top_p, float("-inf"))
+    if config.min_p > 0.0:
+        probs = torch.softmax(values, dim=-1)
+        values = values.masked_fill(probs < config.min_p * probs[:, :1], float("-inf"))
+    return values
