@@ -51,10 +51,13 @@ def worker(out: Path) -> None:
     summary = run(out / "ddp", task, "run.max_steps=4")
     results["ddp"] = (trained(task), summary.skipped_steps)
 
-    # FSDP: two steps, then a fresh sharded task resumes from the whole-tensor checkpoint.
-    run(out / "fsdp", make_task(4), "run.max_steps=2", "run.strategy=fsdp")
+    # FSDP: two steps, then a fresh sharded task resumes from the whole-tensor checkpoint;
+    # a save after every step must leave the live sharded optimizer state untouched.
+    run(out / "fsdp", make_task(4), "run.max_steps=2", "run.strategy=fsdp",
+        "run.checkpoint_every=1")
     task = make_task(4)
-    summary = run(out / "fsdp", task, "run.max_steps=4", "run.strategy=fsdp")
+    summary = run(out / "fsdp", task, "run.max_steps=4", "run.strategy=fsdp",
+                  "run.checkpoint_every=1")
     results["fsdp"] = (trained(task), summary.skipped_steps)
 
     task = make_task(4, poison=POISON if info.rank == 1 else ())

@@ -297,7 +297,8 @@ def _build(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            suggestion = (prefix + "." if prefix else "") + close[0] if close else ""
+            hint = f"; did you mean {suggestion!r}?" if close else ""
             raise ConfigError(f"unknown config field {full!r}{hint} (known fields"
                               f"{' of ' + prefix if prefix else ''}: {', '.join(names)})")
         kwargs[key] = _coerce(full, value, hints[key])

@@ -119,13 +119,21 @@ def all_reduce_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
     """Average the gradients of replicated (non-FSDP) parameters over ranks.
 
     A parameter without a gradient on this rank contributes zeros, so every rank reduces buffers
-    of the same size even when a batch left a parameter unused.
+    of the same size even when its batch left a parameter unused.
     """
     if not info.distributed:
         return
     replicated = [p for p in params if not _is_dtensor(p)]
+    if not replicated:
+        return
+    # A parameter no rank used keeps grad None, as in one process (AdamW then leaves it alone).
+    present = torch.tensor([p.grad is not None for p in replicated], dtype=torch.int32,
+                           device=_collective_device(info))
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in replicated:
+    for param, used in zip(replicated, present.tolist()):
+        if not used:
+            continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         by_dtype.setdefault(param.grad.dtype, []).append(param)

@@ -66,7 +66,8 @@ class MetricsWriter:
         if self._tb is not None:
             step = int(record["step"])
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if key != "step" and numeric:
                     self._tb.add_scalar(f"train/{key}", value, step)
 
     def close(self) -> None:

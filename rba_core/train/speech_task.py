@@ -151,5 +151,6 @@ def describe(task: SpeechDistillTask) -> dict[str, Any]:
     """Counts worth printing at the start of a run."""
     trainable = sum(p.numel() for p in task.trainable_parameters())
     total = sum(p.numel() for p in task.speechlm.parameters())
-    return {"task": task.task, "rows": len(task.dataset), "skipped_rows": dict(task.dataset.skipped),
-            "trainable_parameters": trainable, "parameters": total}
+    return {"task": task.task, "rows": len(task.dataset),
+            "skipped_rows": dict(task.dataset.skipped), "trainable_parameters": trainable,
+            "parameters": total}

@@ -169,11 +169,12 @@ class Trainer:
         """Write a checkpoint from every rank's state; only rank 0 touches the disk."""
         params = [dd.full_tensor(p.detach()) for p in self.params]
         optimizer_state = self.optimizer.state_dict()
-        for index in sorted(optimizer_state["state"]):
-            entry = optimizer_state["state"][index]
-            for key in sorted(entry):
-                if isinstance(entry[key], torch.Tensor):
-                    entry[key] = dd.full_tensor(entry[key]).to("cpu")
+        # state_dict() shares the live per-parameter dicts: build new ones, never assign into
+        # them, or the running optimizer would continue on gathered CPU copies.
+        optimizer_state["state"] = {
+            index: {key: dd.full_tensor(value).to("cpu") if isinstance(value, torch.Tensor)
+                    else value for key, value in sorted(entry.items())}
+            for index, entry in sorted(optimizer_state["state"].items())}
         rng_states = dd.gather_objects(ckpt.capture_rng(), self.dist)
         state_fn = getattr(self.task, "state_dict", None)
         task_state = state_fn() if callable(state_fn) else None
@@ -304,7 +305,7 @@ class Trainer:
         # rates and data positions stay aligned with an unskipped run. (Torch warns when the
         # schedule moves before any optimizer step, which a skipped first step does on purpose.)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
             self.scheduler.step()
         record["skipped"] = 0 if ok else 1
         if losses:
@@ -365,6 +366,7 @@ class Trainer:
                               f"{info.world_size} ranks: the data order within this epoch is "
                               "not replayed exactly", stacklevel=2)
                 rng_states = None
+                seed_everything(config.seed + step, info.rank)
             if info.is_main:
                 logger.info("resuming from %s (step %d)", resume_dir, step)
         else:
