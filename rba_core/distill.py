@@ -5,6 +5,7 @@
   no grad) and the student (the SpeechLM given the speech) on the response tokens.
 - ``teacher_loglik``: how likely the teacher finds an answer given the transcript.
 - ``chrf``: character n-gram F-score of an answer against a reference.
+- ``evaluate_answers``: the SpeechLM's greedy answers on dataset rows, scored by both.
 
 The losses go through ``fused_linear_logprobs`` / ``fused_linear_distill_loss`` on the final
 hidden states and the LM head, so ``[tokens, vocab]`` logits are never held; ``fused=False``
@@ -26,7 +27,7 @@ from rba_core.models.llama import LlamaForCausalLM
 from rba_core.speechlm import text_response_hidden
 
 if TYPE_CHECKING:
-    from rba_core.data import SpeechBatch
+    from rba_core.data import SpeechBatch, SpeechDataset
     from rba_core.speechlm import SpeechLM
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -219,3 +220,70 @@ def chrf(hypothesis: str, reference: str, *, order: int = 6, beta: float = 2.0) 
         return 0.0
     b2 = beta * beta
     return 100.0 * (1 + b2) * precision * recall / (b2 * precision + recall)
+
+
+@dataclass
+class AnswerScore:
+    """One evaluated row: the SpeechLM's answer, the reference (the teacher's answer y*),
+    the teacher's mean log-prob per token of the answer given the transcript, and chrF."""
+
+    id: str
+    instruction: str
+    reference: str
+    answer: str
+    teacher_logprob: float
+    answer_tokens: int
+    chrf: float
+
+
+@dataclass
+class EvalReport:
+    rows: list[AnswerScore]
+
+    @property
+    def teacher_logprob(self) -> float:
+        """Mean over answers of the teacher's per-token log-prob (higher is better)."""
+        return sum(r.teacher_logprob for r in self.rows) / max(len(self.rows), 1)
+
+    @property
+    def chrf(self) -> float:
+        """Mean chrF of the answers against the references."""
+        return sum(r.chrf for r in self.rows) / max(len(self.rows), 1)
+
+    def summary(self) -> dict[str, float]:
+        return {"rows": float(len(self.rows)), "teacher_logprob": self.teacher_logprob,
+                "chrf": self.chrf}
+
+
+@torch.no_grad()
+def evaluate_answers(speechlm: "SpeechLM", teacher_llm: LlamaForCausalLM,
+                     dataset: "SpeechDataset", *, indices: Sequence[int] | None = None,
+                     batch_size: int = 8, max_new_tokens: int = 64) -> EvalReport:
+    """Greedy answers of the SpeechLM to the rows ``indices`` of ``dataset`` (all when None;
+    typically the held-out split), each scored by ``teacher_loglik`` (the teacher reading the
+    transcript; the answer's ids including its stop token) and by ``chrf`` against the row's
+    response. Rows whose audio does not load are skipped (and counted by the dataset)."""
+    was_training = speechlm.training
+    speechlm.eval()
+    order = list(range(len(dataset))) if indices is None else list(indices)
+    chosen = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    scores: list[AnswerScore] = []
+    try:
+        for group in chosen:
+            batch = dataset.batch(group)
+            if batch is None:
+                continue
+            batch = batch.to(speechlm.device)
+            answers = speechlm.generate_pieces(batch.features, batch.frame_lengths,
+                                               batch.prompt_before, batch.prompt_after,
+                                               max_new_tokens=max_new_tokens)
+            loglik = teacher_loglik(teacher_llm, batch.teacher_prompt_ids, answers)
+            for b, row in enumerate(batch.rows):
+                text = speechlm.tokenizer.decode(answers[b], skip_special_tokens=True).strip()
+                scores.append(AnswerScore(
+                    id=str(row["id"]), instruction=row["instruction"], reference=row["response"],
+                    answer=text, teacher_logprob=float(loglik.per_token[b]),
+                    answer_tokens=int(loglik.tokens[b]), chrf=chrf(text, row["response"])))
+    finally:
+        speechlm.train(was_training)
+    return EvalReport(scores)

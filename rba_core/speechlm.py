@@ -407,20 +407,27 @@ class SpeechLM(nn.Module):
             load_lora_state_dict(self.llm, lora_tensors, source=str(lora_path))
 
     # ------------------------------------------------------------------------ inference
-    @torch.inference_mode()
     def generate(self, features: torch.Tensor, frame_lengths: torch.Tensor,
-                 prompts: Sequence[Messages], *, max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None) -> list[list[int]]:
+                 prompts: Sequence[Messages], **sampling: Any) -> list[list[int]]:
         """New token ids per clip (greedy by default), each ending at its first stop id
-        (included) or after ``max_new_tokens``."""
+        (included) or after ``max_new_tokens``; ``sampling`` as in ``generate_pieces``."""
+        pieces = [self.split_prompt(messages) for messages in prompts]
+        return self.generate_pieces(features, frame_lengths, [p[0] for p in pieces],
+                                    [p[1] for p in pieces], **sampling)
+
+    @torch.inference_mode()
+    def generate_pieces(self, features: torch.Tensor, frame_lengths: torch.Tensor,
+                        before_ids: Sequence[Sequence[int]], after_ids: Sequence[Sequence[int]],
+                        *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                        top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+        """``generate`` from pre-tokenized prompt pieces (a ``SpeechBatch``'s)."""
         from rba_core.generation import SamplingConfig, select_next_tokens
 
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, stop_ids=tuple(self.tokenizer.stop_ids),
                                   seed=seed)
         sampling.validate()
-        embeds, mask = self.embed_speech_prompts(features, frame_lengths, prompts)
+        embeds, mask = self.embed_speech_pieces(features, frame_lengths, before_ids, after_ids)
         batch, width = mask.shape
         device = self.device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -1,13 +1,13 @@
 """SFT and KD losses on a tiny random SpeechLM: each overfits a fixed batch with only the
 adapter trainable, fused equals unfused, the teacher is the LLM on the transcript with LoRA
-off; teacher_loglik against a plain forward; chrF by hand."""
+off; teacher_loglik against a plain forward; chrF by hand; evaluate_answers."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rba_core.data import SpeechDataset
-from rba_core.distill import chrf, kd_loss, sft_loss, teacher_loglik
+from rba_core.distill import chrf, evaluate_answers, kd_loss, sft_loss, teacher_loglik
 from rba_core.errors import ConfigError
 from rba_core.lora import LoraConfig, lora_modules
 from rba_core.models.llama import LlamaForCausalLM
@@ -18,6 +18,7 @@ from test_speechlm import tiny_speechlm, write_dataset, write_tiny_llm
 @pytest.fixture()
 def setup(tmp_path):
     slm = tiny_speechlm(tmp_path / "llm")
+    slm.train()
     dataset = SpeechDataset(write_dataset(tmp_path / "data"), "train", slm.tokenizer)
     batch = dataset.batch(range(len(dataset)))
     assert batch is not None and len(batch) == 3
@@ -151,3 +152,21 @@ def test_chrf_by_hand():
     assert chrf("", "") == 100.0 and chrf("", "a") == 0.0
     with pytest.raises(ConfigError):
         chrf("a", "b", order=0)
+
+
+def test_evaluate_answers_scores_each_row(setup, tmp_path):
+    slm, _ = setup
+    dataset = SpeechDataset(write_dataset(tmp_path / "eval"), "train", slm.tokenizer)
+    report = evaluate_answers(slm, slm.llm, dataset, batch_size=2, max_new_tokens=6)
+    assert [r.id for r in report.rows] == [row["id"] for row in dataset.rows]
+    assert slm.training    # restored after evaluation
+    for index, row in enumerate(report.rows):
+        one = dataset.batch([index])
+        ids = slm.generate_pieces(one.features, one.frame_lengths, one.prompt_before,
+                                  one.prompt_after, max_new_tokens=6)
+        assert row.answer == slm.tokenizer.decode(ids[0]).strip()
+        assert row.chrf == chrf(row.answer, row.reference)
+        ll = teacher_loglik(slm.llm, one.teacher_prompt_ids, ids)
+        assert row.answer_tokens == len(ids[0])
+        assert row.teacher_logprob == pytest.approx(float(ll.per_token[0]), rel=1e-4)
+    assert report.summary()["chrf"] == pytest.approx(sum(r.chrf for r in report.rows) / 3)
