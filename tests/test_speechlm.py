@@ -296,6 +296,26 @@ def test_save_and_load_trainable_with_lora(tmp_path):
     for name, tensor in state.items():
         assert torch.equal(fresh.trainable_state_dict()[name], tensor)
 
+    # from_pretrained reads the adapter and LoRA configs from the saved folder.
+    encoder_dir = tmp_path / "whisper"
+    config = slm.encoder.config
+    save_pretrained(encoder_dir, {f"model.encoder.{k}": v
+                                  for k, v in slm.encoder.state_dict().items()},
+                    {"model_type": "whisper", "d_model": config.d_model,
+                     "encoder_layers": config.encoder_layers,
+                     "encoder_attention_heads": config.encoder_attention_heads,
+                     "encoder_ffn_dim": config.encoder_ffn_dim,
+                     "num_mel_bins": config.num_mel_bins,
+                     "max_source_positions": config.max_source_positions})
+    loaded = SpeechLM.from_pretrained(encoder_dir, tmp_path / "llm", tmp_path / "saved")
+    assert loaded.lora_config == slm.lora_config
+    assert loaded.adapter.config == slm.adapter.config
+    got, _ = _response_logits(loaded, features, lengths)
+    torch.testing.assert_close(got[mask], expected[mask])
+    with pytest.raises(ConfigError, match="differs from adapter_config"):
+        SpeechLM.from_pretrained(encoder_dir, tmp_path / "llm", tmp_path / "saved",
+                                 adapter_config=AudioAdapterConfig(encoder_dim=16, llm_dim=HIDDEN))
+
     other = SpeechLM(fresh.encoder, FusedAudioAdapter(AudioAdapterConfig(
         encoder_dim=16, llm_dim=HIDDEN, hidden_dim=24, stack_factor=8)),
         LlamaForCausalLM.from_pretrained(tmp_path / "llm"), fresh.tokenizer)
