@@ -55,8 +55,8 @@ def write_tiny_llm(folder: Path, words=WORDS, *, seed: int = 0, padded_rows: int
         "unk_token": "<|endoftext|>", "chat_template": CHATML}))
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
               "vocab_size": len(vocab) + padded_rows, "hidden_size": HIDDEN,
-              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
     from rba_core.models.llama import LlamaConfig
 
     generator_state = torch.random.get_rng_state()
