@@ -395,3 +395,23 @@ def test_rollout_engine_takes_the_spliced_rows(slm):
                           seeds=[0, 1])
     for b in range(2):
         assert out.tokens[b, 0, : int(out.lengths[b, 0])].tolist() == expected[b]
+
+
+def test_save_lora_and_load_lora(slm, tmp_path):
+    from rba_core.lora import load_lora, save_lora
+
+    config = LoraConfig(rank=3, alpha=6, targets=("o_proj", "gate_proj"))
+    with pytest.raises(ConfigError, match="no LoRA"):
+        save_lora(tmp_path / "lora", slm.llm, config)
+    apply_lora(slm.llm, config)
+    _randomize_lora(slm)
+    features, lengths = _features(slm)
+    expected, mask = _response_logits(slm, features, lengths)
+    save_lora(tmp_path / "lora", slm.llm, config)
+    fresh = LlamaForCausalLM.from_pretrained(tmp_path / "llm")
+    assert load_lora(tmp_path / "lora", fresh) == config
+    slm.llm = fresh
+    got, _ = _response_logits(slm, features, lengths)
+    torch.testing.assert_close(got[mask], expected[mask])
+    with pytest.raises(CheckpointError, match="no \"lora\" section"):
+        load_lora(tmp_path / "llm", fresh)
