@@ -415,3 +415,14 @@ def test_save_lora_and_load_lora(slm, tmp_path):
     torch.testing.assert_close(got[mask], expected[mask])
     with pytest.raises(CheckpointError, match="no \"lora\" section"):
         load_lora(tmp_path / "llm", fresh)
+
+
+def test_chat_rejects_bad_input_before_loading_models(tmp_path, capsys):
+    from rba_core.errors import AudioError
+
+    with pytest.raises(AudioError, match="missing.wav"):
+        _run_command("rba_core.commands.chat", ["chat", "--audio", str(tmp_path / "missing.wav")],
+                     capsys)
+    with pytest.raises(ConfigError, match="max-new-tokens"):
+        _run_command("rba_core.commands.chat", ["chat", "--audio", "x.wav",
+                                                "--max-new-tokens", "0"], capsys)
