@@ -84,6 +84,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 PLOTTED = ("loss", "lr", "grad_norm", "tokens_per_s")
+# Counters and clocks: monotone lines that say nothing about training.
+NOT_PLOTTED = ("step", "epoch", "time", "skipped_steps", "nonfinite_loss", "nonfinite_grad",
+               "tokens_seen", "steps_per_s")
 
 
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:
@@ -101,8 +104,7 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     keys = [k for k in PLOTTED if any(isinstance(r.get(k), (int, float)) for r in records)]
     extra = sorted({k for r in records for k, v in r.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and k not in keys and k not in ("step", "epoch", "time", "skipped_steps",
-                                                    "nonfinite_loss", "nonfinite_grad")})
+                    and k not in keys and k not in NOT_PLOTTED})
     keys += extra
     if not keys:
         return False
