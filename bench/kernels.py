@@ -200,22 +200,30 @@ def _proc_kib(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
-def _worker(spec: Spec) -> dict:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _warm(step: Callable[[], None], leaves: list, device: str) -> None:
+    """One untimed step (compiles, loads the extension, touches the code paths), grads dropped."""
     import gc
 
+    step()
+    _sync(device)
+    for leaf in leaves:
+        leaf.grad = None
+    gc.collect()
+
+
+def _memory_worker(spec: Spec) -> dict:
+    """Peak extra memory of one step of one peer, alone in this process."""
     try:
         step, leaves = _build_step(spec)
     except (ImportError, _NotApplicable) as exc:
         return {"na": str(exc).splitlines()[0][:60]}
     cuda = spec.device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    step()  # warm-up: compiles, loads the extension, touches the code paths
-    sync()
-    for leaf in leaves:
-        leaf.grad = None
-    gc.collect()
-
+    _warm(step, leaves, spec.device)
     if cuda:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
@@ -224,29 +232,52 @@ def _worker(spec: Spec) -> dict:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
         base = _proc_kib("VmRSS") * 1024
-    times = []
-    for rep in range(spec.reps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        if rep == 0:
-            peak = (torch.cuda.max_memory_allocated() if cuda else _proc_kib("VmHWM") * 1024)
-            held = sum(leaf.grad.numel() * leaf.grad.element_size() for leaf in leaves
-                       if leaf.grad is not None)
-        for leaf in leaves:
-            leaf.grad = None
-    return {"time_s": min(times), "extra_bytes": max(peak - base - held, 0), "grad_bytes": held}
+    step()
+    _sync(spec.device)
+    peak = torch.cuda.max_memory_allocated() if cuda else _proc_kib("VmHWM") * 1024
+    held = sum(leaf.grad.numel() * leaf.grad.element_size() for leaf in leaves
+               if leaf.grad is not None)
+    return {"extra_bytes": max(peak - base - held, 0), "grad_bytes": held}
 
 
-def _run_worker(spec: Spec, timeout: float, mmap_all: bool) -> dict:
+def _timing_worker(specs: list[Spec]) -> dict:
+    """Step time of every peer of one op, measured round-robin in this one process.
+
+    On a shared machine the available CPU drifts by several times within a minute; taking the
+    peers' steps in turn and keeping each one's fastest puts them under the same conditions.
+    """
+    runs, out = {}, {}
+    for spec in specs:
+        try:
+            step, leaves = _build_step(spec)
+        except (ImportError, _NotApplicable) as exc:
+            out[spec.peer] = {"na": str(exc).splitlines()[0][:60]}
+            continue
+        _warm(step, leaves, spec.device)
+        runs[spec.peer] = (step, leaves, [])
+    for _ in range(max(spec.reps for spec in specs)):
+        for step, leaves, times in runs.values():
+            t0 = time.perf_counter()
+            step()
+            _sync(specs[0].device)
+            times.append(time.perf_counter() - t0)
+            for leaf in leaves:
+                leaf.grad = None
+    for peer, (_, _, times) in runs.items():
+        out[peer] = {"time_s": min(times)}
+    return out
+
+
+def _run_worker(spec, timeout: float, mmap_all: bool) -> dict:
+    """Runs _memory_worker (one Spec) or _timing_worker (a list) in a fresh subprocess."""
     env = dict(os.environ)
     if mmap_all:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env.setdefault("TRITON_INTERPRET", "0")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(spec))]
+    payload = [asdict(x) for x in spec] if isinstance(spec, list) else asdict(spec)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(payload)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -280,13 +311,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma list from {OPS}")
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="timed steps per peer, taken round-robin across the peers")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(Spec(**json.loads(args.worker)))))
+        payload = json.loads(args.worker)
+        if isinstance(payload, list):
+            print(json.dumps(_timing_worker([Spec(**x) for x in payload])))
+        else:
+            print(json.dumps(_memory_worker(Spec(**payload))))
         return 0
 
     device = args.device
@@ -326,34 +362,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     for n, d, vocab in shapes:
         vtag = "" if len(shapes) == 1 else f"_v{vocab}"
         for op in ops:
-            results = {}
-            for peer in PEERS:
-                if peer == "liger" and liger_na:
-                    results[peer] = {"na": liger_na}
-                    continue
-                spec = Spec(op, peer, device, n, d, vocab, dtype, args.reps)
-                if device == "cuda":
-                    results[peer] = _run_worker(spec, args.timeout, mmap_all=False)
-                    continue
-                memory = _run_worker(Spec(op, peer, device, n, d, vocab, dtype, 1),
-                                     args.timeout, mmap_all=True)
-                timing = _run_worker(spec, args.timeout, mmap_all=False)
-                if "time_s" in memory and "time_s" in timing:
-                    results[peer] = {**memory, "time_s": timing["time_s"]}
+            peers = [p for p in PEERS if not (p == "liger" and liger_na)]
+            results = {p: {} for p in PEERS}
+            if liger_na:
+                results["liger"] = {"na": liger_na}
+            for peer in peers:
+                results[peer].update(_run_worker(Spec(op, peer, device, n, d, vocab, dtype, 1),
+                                                 args.timeout, mmap_all=device == "cpu"))
+            timing = _run_worker([Spec(op, p, device, n, d, vocab, dtype, args.reps)
+                                  for p in peers], args.timeout, mmap_all=False)
+            for peer in peers:
+                if "error" in timing:
+                    results[peer].setdefault("error", timing["error"])
                 else:
-                    results[peer] = memory if "time_s" not in memory else timing
+                    results[peer].update(timing[peer])
             mine = results["rba"]
             for peer in PEERS:
                 r = results[peer]
                 prefix = f"{op:<20} {n:>5} {d:>5} {vocab:>7} {peer:<8}"
-                if "time_s" not in r:
+                if "time_s" not in r or "extra_bytes" not in r:
                     print(f"{prefix} {r.get('na') or r.get('error')}")
                     if peer != "rba":
                         ratios[f"{op}_{device}{vtag}_time_vs_{peer}"] = None
                         ratios[f"{op}_{device}{vtag}_peak_mem_vs_{peer}"] = None
                     continue
                 t_ratio = m_ratio = None
-                if peer != "rba" and "time_s" in mine:
+                if peer != "rba" and "time_s" in mine and "extra_bytes" in mine:
                     t_ratio = mine["time_s"] / r["time_s"]
                     m_ratio = mine["extra_bytes"] / max(r["extra_bytes"], 1)
                     ratios[f"{op}_{device}{vtag}_time_vs_{peer}"] = round(t_ratio, 3)
