@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = (
     "rba_core.commands.prepare",
     "rba_core.commands.generate",
+    "rba_core.commands.chat",
 )
 
 
