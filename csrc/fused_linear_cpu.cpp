@@ -2,7 +2,8 @@
 //
 // Semantics and signatures follow /work/notes/KERNELS_CONTRACT.md (mirrored in
 // kernels/native.py). Every op walks rows in chunks and the vocabulary in blocks: the largest
-// temporary is one [rows_chunk, vocab_block] fp32 logits tile, computed with at::mm / at::addmm
+// temporary is one [rows_chunk, vocab_block] logits tile (fp32; fp64 for fp64 inputs), computed
+// with at::mm / at::addmm
 // so BLAS does the heavy lifting, and the log-sum-exp is accumulated online across blocks. The
 // backward ops recompute the tiles from the saved log-sum-exp(s) instead of keeping [N, V].
 //
@@ -49,7 +50,7 @@ std::string shape_of(const at::Tensor& t) {
 }
 
 bool is_float_kind(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
 void check_cpu_contiguous(const at::Tensor& t, const char* op, const char* name) {
@@ -64,7 +65,7 @@ void check_matrix(const at::Tensor& t, const char* op, const char* name) {
   check_cpu_contiguous(t, op, name);
   TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", shape_of(t));
   TORCH_CHECK_TYPE(is_float_kind(t.scalar_type()), op, ": ", name,
-                   " must be float32, bfloat16 or float16, got ", t.scalar_type());
+                   " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
 }
 
 void check_row_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const char* op,
@@ -91,19 +92,25 @@ void check_scalar(double x, const char* op, const char* name) {
                     " must be finite and non-zero, got ", x);
 }
 
-at::Tensor as_f32(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+// Accumulation type: float32 for float32 and the 16-bit types, float64 for float64 inputs (so
+// float64 callers, e.g. gradient checks, keep their precision).
+at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// One fp32 logits tile z = (h @ W[v0:v1].T + b[v0:v1]) * scale; also returns the fp32 block of
-// W so the backward can reuse it for grad_hidden.
+at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.scalar_type() == acc ? t : t.to(acc);
+}
+
+// One logits tile z = (h @ W[v0:v1].T + b[v0:v1]) * scale in h32's (accumulation) dtype; also
+// returns that block of W in the same dtype so the backward can reuse it for grad_hidden.
 std::pair<at::Tensor, at::Tensor> logits_tile(const at::Tensor& h32, const at::Tensor& weight,
                                               const OptTensor& bias, int64_t v0, int64_t v1,
                                               double scale) {
-  at::Tensor w32 = as_f32(weight.slice(0, v0, v1));
+  at::Tensor w32 = as_acc(weight.slice(0, v0, v1), h32.scalar_type());
   at::Tensor z;
   if (bias.has_value()) {
-    z = at::addmm(as_f32(bias->slice(0, v0, v1)), h32, w32.t(), scale, scale);
+    z = at::addmm(as_acc(bias->slice(0, v0, v1), h32.scalar_type()), h32, w32.t(), scale, scale);
   } else {
     z = at::mm(h32, w32.t());
     if (scale != 1.0) z.mul_(scale);
@@ -113,27 +120,31 @@ std::pair<at::Tensor, at::Tensor> logits_tile(const at::Tensor& h32, const at::T
 
 // tgt[r] = z[r, ids[r] - v0] for rows whose id falls in this vocabulary block.
 void gather_targets(const at::Tensor& z, const at::Tensor& ids, int64_t v0, at::Tensor& tgt) {
-  const float* zp = z.data_ptr<float>();
   const int64_t* ip = ids.data_ptr<int64_t>();
-  float* tp = tgt.data_ptr<float>();
   const int64_t width = z.size(1), stride = z.stride(0);
-  for (int64_t r = 0; r < z.size(0); ++r) {
-    const int64_t c = ip[r] - v0;
-    if (c >= 0 && c < width) tp[r] = zp[r * stride + c];
-  }
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "gather_targets", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* tp = tgt.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < z.size(0); ++r) {
+      const int64_t c = ip[r] - v0;
+      if (c >= 0 && c < width) tp[r] = zp[r * stride + c];
+    }
+  });
 }
 
 // dz[r, ids[r] - v0] += add[r] for rows whose id falls in this vocabulary block.
 void scatter_add_targets(at::Tensor& dz, const at::Tensor& ids, int64_t v0,
                          const at::Tensor& add) {
-  float* dp = dz.data_ptr<float>();
   const int64_t* ip = ids.data_ptr<int64_t>();
-  const float* ap = add.data_ptr<float>();
   const int64_t width = dz.size(1), stride = dz.stride(0);
-  for (int64_t r = 0; r < dz.size(0); ++r) {
-    const int64_t c = ip[r] - v0;
-    if (c >= 0 && c < width) dp[r * stride + c] += ap[r];
-  }
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "scatter_add_targets", [&] {
+    scalar_t* dp = dz.data_ptr<scalar_t>();
+    const scalar_t* ap = add.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < dz.size(0); ++r) {
+      const int64_t c = ip[r] - v0;
+      if (c >= 0 && c < width) dp[r * stride + c] += ap[r];
+    }
+  });
 }
 
 // Online log-sum-exp state of a row chunk: lse = m + log(s).
@@ -226,9 +237,10 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> token_scores_forward(
   check_token_inputs(hidden, weight, bias, ids, scale, op);
   at::NoGradGuard no_grad;
   const int64_t n = hidden.size(0), vocab = weight.size(0);
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({n}, f32), lse = at::empty({n}, f32);
-  at::Tensor entropy = with_entropy ? at::empty({n}, f32) : at::Tensor();
+  const at::ScalarType acc = acc_type(hidden);
+  const auto acc_opts = hidden.options().dtype(acc);
+  at::Tensor logp = at::empty({n}, acc_opts), lse = at::empty({n}, acc_opts);
+  at::Tensor entropy = with_entropy ? at::empty({n}, acc_opts) : at::Tensor();
   const int64_t rc = split_extent(n, at::get_num_threads(), rows_chunk());
   const int64_t vb = vocab_block();
   const int64_t n_chunks = ceil_div(n, rc);
@@ -236,9 +248,9 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> token_scores_forward(
   // Rows are independent, so each worker takes whole row chunks and sweeps the vocabulary.
   parallel_items(n_chunks, num_workers(n_chunks), [&](int64_t item, int64_t) {
     const int64_t r0 = item * rc, r1 = std::min(n, r0 + rc);
-    at::Tensor h32 = as_f32(hidden.slice(0, r0, r1));
+    at::Tensor h32 = as_acc(hidden.slice(0, r0, r1), acc);
     at::Tensor ids_c = ids.slice(0, r0, r1);
-    at::Tensor tgt = at::zeros({r1 - r0}, f32);
+    at::Tensor tgt = at::zeros({r1 - r0}, acc_opts);
     // Running sum of exp(z - m) * (z - m): the entropy is log(s) - t / s, and keeping it
     // relative to the running max avoids cancelling two large numbers.
     at::Tensor t;
@@ -296,21 +308,23 @@ std::tuple<at::Tensor, OptTensor, OptTensor> token_scores_backward(
   const char* op = "token_scores_backward";
   check_token_inputs(hidden, weight, bias, ids, scale, op);
   const int64_t n = hidden.size(0), d = hidden.size(1), vocab = weight.size(0);
-  check_row_vector(lse, n, at::kFloat, op, "lse");
-  check_row_vector(grad_logp, n, at::kFloat, op, "grad_logp");
+  const at::ScalarType out_t = acc_type(hidden);
+  check_row_vector(lse, n, out_t, op, "lse");
+  check_row_vector(grad_logp, n, out_t, op, "grad_logp");
   if (grad_entropy.has_value()) {
-    check_row_vector(*grad_entropy, n, at::kFloat, op, "grad_entropy");
+    check_row_vector(*grad_entropy, n, out_t, op, "grad_entropy");
     TORCH_CHECK_VALUE(entropy.has_value(), op,
                       ": grad_entropy was given without the entropy saved by the forward; "
                       "run token_scores_forward with with_entropy=True");
   }
-  if (entropy.has_value()) check_row_vector(*entropy, n, at::kFloat, op, "entropy");
+  if (entropy.has_value()) check_row_vector(*entropy, n, out_t, op, "entropy");
   at::NoGradGuard no_grad;
   const bool use_entropy = grad_entropy.has_value();
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor grad_w = need_weight_grad ? at::zeros({vocab, d}, f32) : at::Tensor();
+  const at::ScalarType acc = acc_type(hidden);
+  const auto acc_opts = hidden.options().dtype(acc);
+  at::Tensor grad_w = need_weight_grad ? at::zeros({vocab, d}, acc_opts) : at::Tensor();
   const bool want_bias = need_weight_grad && bias.has_value();
-  at::Tensor grad_b = want_bias ? at::zeros({vocab}, f32) : at::Tensor();
+  at::Tensor grad_b = want_bias ? at::zeros({vocab}, acc_opts) : at::Tensor();
   const int64_t rc = rows_chunk();
   const int64_t vb = split_extent(vocab, at::get_num_threads(), vocab_block());
   const int64_t n_blocks = ceil_div(vocab, vb);
@@ -323,10 +337,10 @@ std::tuple<at::Tensor, OptTensor, OptTensor> token_scores_backward(
   parallel_items(n_blocks, workers, [&](int64_t item, int64_t slot) {
     const int64_t v0 = item * vb, v1 = std::min(vocab, v0 + vb);
     at::Tensor& grad_h = grad_h_parts[slot];
-    if (!grad_h.defined()) grad_h = at::zeros({n, d}, f32);
+    if (!grad_h.defined()) grad_h = at::zeros({n, d}, acc_opts);
     for (int64_t r0 = 0; r0 < n; r0 += rc) {
       const int64_t r1 = std::min(n, r0 + rc);
-      at::Tensor h32 = as_f32(hidden.slice(0, r0, r1));
+      at::Tensor h32 = as_acc(hidden.slice(0, r0, r1), acc);
       at::Tensor gl = grad_logp.slice(0, r0, r1);
       auto tile = logits_tile(h32, weight, bias, v0, v1, scale);
       at::Tensor z = tile.first.sub_(lse.slice(0, r0, r1).unsqueeze(1));  // log p
@@ -444,17 +458,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
   at::NoGradGuard no_grad;
   const int64_t n = s_hidden.size(0), vocab = s_weight.size(0);
   const double inv_t = 1.0 / temperature;
-  const auto f32 = s_hidden.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({n}, f32), s_lse = at::empty({n}, f32),
-             t_lse = at::empty({n}, f32);
+  const at::ScalarType acc = acc_type(s_hidden);
+  const auto acc_opts = s_hidden.options().dtype(acc);
+  at::Tensor loss = at::empty({n}, acc_opts), s_lse = at::empty({n}, acc_opts),
+             t_lse = at::empty({n}, acc_opts);
   const int64_t rc = split_extent(n, at::get_num_threads(), rows_chunk());
   const int64_t vb = vocab_block();
   const int64_t n_chunks = ceil_div(n, rc);
 
   parallel_items(n_chunks, num_workers(n_chunks), [&](int64_t item, int64_t) {
     const int64_t r0 = item * rc, r1 = std::min(n, r0 + rc);
-    at::Tensor hs32 = as_f32(s_hidden.slice(0, r0, r1));
-    at::Tensor ht32 = as_f32(t_hidden.slice(0, r0, r1));
+    at::Tensor hs32 = as_acc(s_hidden.slice(0, r0, r1), acc);
+    at::Tensor ht32 = as_acc(t_hidden.slice(0, r0, r1), acc);
     OnlineLse acc_s, acc_t;
     // KL(P||Q) = sum_v e^(zp - mp) (zp - zq) / sp - lse_p + lse_q: the running sum only needs
     // rescaling when P's max moves, so both KL directions finish in this one pass.
@@ -484,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
     } else {
       // The mixture M needs normalised probabilities, so JSD takes a second pass once both
       // log-sum-exps are known.
-      loss_c = at::zeros({r1 - r0}, f32);
+      loss_c = at::zeros({r1 - r0}, acc_opts);
       at::Tensor sl = s_lse_c.unsqueeze(1), tl = t_lse_c.unsqueeze(1);
       for (int64_t v0 = 0; v0 < vocab; v0 += vb) {
         const int64_t v1 = std::min(vocab, v0 + vb);
@@ -510,13 +525,15 @@ std::tuple<at::Tensor, OptTensor> distill_backward(
   const Kind kind = parse_kind(kind_name, op);
   check_distill_inputs(s_hidden, s_weight, t_hidden, t_weight, temperature, kind, jsd_beta, op);
   const int64_t n = s_hidden.size(0), ds = s_hidden.size(1), vocab = s_weight.size(0);
-  check_row_vector(s_lse, n, at::kFloat, op, "s_lse");
-  check_row_vector(t_lse, n, at::kFloat, op, "t_lse");
-  check_row_vector(grad_rows, n, at::kFloat, op, "grad_rows");
+  const at::ScalarType out_t = acc_type(s_hidden);
+  check_row_vector(s_lse, n, out_t, op, "s_lse");
+  check_row_vector(t_lse, n, out_t, op, "t_lse");
+  check_row_vector(grad_rows, n, out_t, op, "grad_rows");
   at::NoGradGuard no_grad;
   const double inv_t = 1.0 / temperature;
-  const auto f32 = s_hidden.options().dtype(at::kFloat);
-  at::Tensor grad_w = need_weight_grad ? at::zeros({vocab, ds}, f32) : at::Tensor();
+  const at::ScalarType acc = acc_type(s_hidden);
+  const auto acc_opts = s_hidden.options().dtype(acc);
+  at::Tensor grad_w = need_weight_grad ? at::zeros({vocab, ds}, acc_opts) : at::Tensor();
   const int64_t threads = at::get_num_threads();
   const int64_t rc = rows_chunk(), vb = vocab_block();
 
@@ -524,13 +541,13 @@ std::tuple<at::Tensor, OptTensor> distill_backward(
   // depends on the whole row, so a first pass over row chunks finds it.
   at::Tensor c;
   if (kind != Kind::ForwardKl) {
-    c = at::empty({n, 1}, f32);
+    c = at::empty({n, 1}, acc_opts);
     const int64_t rc_c = split_extent(n, threads, rc);
     const int64_t n_chunks = ceil_div(n, rc_c);
     parallel_items(n_chunks, num_workers(n_chunks), [&](int64_t item, int64_t) {
       const int64_t r0 = item * rc_c, r1 = std::min(n, r0 + rc_c);
-      at::Tensor hs32 = as_f32(s_hidden.slice(0, r0, r1));
-      at::Tensor ht32 = as_f32(t_hidden.slice(0, r0, r1));
+      at::Tensor hs32 = as_acc(s_hidden.slice(0, r0, r1), acc);
+      at::Tensor ht32 = as_acc(t_hidden.slice(0, r0, r1), acc);
       at::Tensor sl = s_lse.slice(0, r0, r1).unsqueeze(1);
       at::Tensor tl = t_lse.slice(0, r0, r1).unsqueeze(1);
       at::Tensor c_chunk = c.slice(0, r0, r1);
@@ -557,11 +574,11 @@ std::tuple<at::Tensor, OptTensor> distill_backward(
   parallel_items(n_blocks, workers, [&](int64_t item, int64_t slot) {
     const int64_t v0 = item * vb_g, v1 = std::min(vocab, v0 + vb_g);
     at::Tensor& grad_h = grad_h_parts[slot];
-    if (!grad_h.defined()) grad_h = at::zeros({n, ds}, f32);
+    if (!grad_h.defined()) grad_h = at::zeros({n, ds}, acc_opts);
     for (int64_t r0 = 0; r0 < n; r0 += rc) {
       const int64_t r1 = std::min(n, r0 + rc);
-      at::Tensor hs32 = as_f32(s_hidden.slice(0, r0, r1));
-      at::Tensor ht32 = as_f32(t_hidden.slice(0, r0, r1));
+      at::Tensor hs32 = as_acc(s_hidden.slice(0, r0, r1), acc);
+      at::Tensor ht32 = as_acc(t_hidden.slice(0, r0, r1), acc);
       DistillTile tile = distill_tile(hs32, s_weight, ht32, t_weight, inv_t, v0, v1,
                                       s_lse.slice(0, r0, r1).unsqueeze(1),
                                       t_lse.slice(0, r0, r1).unsqueeze(1));

@@ -79,10 +79,11 @@ def _token_reference(hidden, weight, bias, ids, scale):
 
 
 # (forward tolerance, gradient tolerance): bf16 gradients are rounded to bf16 on return.
-TOLS = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 1e-2)}
+TOLS = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 1e-2), torch.float64: (1e-10, 1e-10)}
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias,with_entropy", [(True, True), (False, False), (False, True)])
 def test_token_scores_match_float64_reference(dtype, with_bias, with_entropy, threads):
     hidden, weight, bias, ids = _token_inputs(dtype, bias=with_bias)
@@ -90,7 +91,8 @@ def test_token_scores_match_float64_reference(dtype, with_bias, with_entropy, th
     fwd_tol, grad_tol = TOLS[dtype]
     logp, lse, entropy = native.token_scores_forward(hidden, weight, bias, ids, scale, with_entropy)
     h, w, b, ref_logp, ref_lse, ref_entropy = _token_reference(hidden, weight, bias, ids, scale)
-    assert logp.dtype == lse.dtype == torch.float32
+    # Outputs accumulate in float32, or float64 for float64 inputs.
+    assert logp.dtype == lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     _close(logp, ref_logp.detach(), fwd_tol, "logp")
     _close(lse, ref_lse.detach(), fwd_tol, "lse")
     if with_entropy:
@@ -98,8 +100,8 @@ def test_token_scores_match_float64_reference(dtype, with_bias, with_entropy, th
     else:
         assert entropy is None
 
-    grad_logp = torch.randn(len(ids))
-    grad_entropy = torch.randn(len(ids)) if with_entropy else None
+    grad_logp = torch.randn(len(ids), dtype=logp.dtype)
+    grad_entropy = torch.randn(len(ids), dtype=logp.dtype) if with_entropy else None
     objective = (ref_logp * grad_logp.double()).sum()
     if with_entropy:
         objective = objective + (ref_entropy * grad_entropy.double()).sum()
@@ -158,7 +160,7 @@ def _distill_reference(s_hidden, s_weight, t_hidden, t_weight, temperature, kind
     return h, w, rows, s_lse, t_lse
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_distill_matches_float64_reference(dtype, kind, threads):
     inputs = _distill_inputs(dtype)
@@ -170,7 +172,7 @@ def test_distill_matches_float64_reference(dtype, kind, threads):
     _close(s_lse, ref_s_lse.detach(), fwd_tol, "s_lse")
     _close(t_lse, ref_t_lse.detach(), fwd_tol, "t_lse")
 
-    grad_rows = torch.randn(len(loss))
+    grad_rows = torch.randn(len(loss), dtype=loss.dtype)
     (ref_rows * grad_rows.double()).sum().backward()
     gh, gw = native.distill_backward(
         *inputs, temperature, kind, beta, s_lse, t_lse, grad_rows, True
@@ -211,8 +213,8 @@ def _token_call(**override):
         (dict(hidden=torch.randn(6, 8).t()), ValueError, "hidden must be contiguous"),
         (dict(hidden=torch.randn(2, 8, 6)), ValueError, "hidden must be 2-D"),
         (dict(bias=torch.randn(41)), ValueError, r"bias must have shape \[40\]"),
-        (dict(hidden=torch.randn(8, 6).double(), weight=torch.randn(40, 6).double()),
-         TypeError, "float32, bfloat16 or float16"),
+        (dict(hidden=torch.ones(8, 6, dtype=torch.int32), weight=torch.ones(40, 6, dtype=torch.int32)),
+         TypeError, "float32, bfloat16, float16 or float64"),
         (dict(scale=float("nan")), ValueError, "scale must be finite"),
     ],
 )
