@@ -279,7 +279,10 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
                                 first * GROUP_SIZE, done, config.num)
                     break
                 groups = list(range(first, first + groups_per_batch))
-                pending = _instructions(config, task, teacher, groups, writer.ids, index,
+                written = {row["id"]: row for row in writer.rows
+                           if row["task"] == config.task and row.get("candidate", -1)
+                           >= first * GROUP_SIZE}
+                pending = _instructions(config, task, teacher, groups, written, index,
                                         filters, config.num - done)
                 _responses(config, teacher, prompt, pending, filters)
                 _voices(config, backend, pending, train_voices, heldout_voices)
@@ -319,7 +322,8 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
 
 
 def _instructions(config: SynthConfig, task: TaskRecipe, teacher: TeacherLike,
-                  groups: list[int], written: set[str], index: NearDuplicateIndex,
+                  groups: list[int], written: dict[str, dict[str, Any]],
+                  index: NearDuplicateIndex,
                   filters: Counter[str], wanted: int) -> list[_Pending]:
     requests = []
     for group in groups:
@@ -338,6 +342,11 @@ def _instructions(config: SynthConfig, task: TaskRecipe, teacher: TeacherLike,
             candidate = group * GROUP_SIZE + g
             rid = row_id(config.task, config.seed, candidate)
             if rid in written:
+                # Written by a run killed inside this batch, before the counts were saved:
+                # count it now, as that run would have.
+                filters["candidates"] += 1
+                filters["accepted"] += 1
+                filters["response_truncated"] += int(written[rid]["response_truncated"])
                 continue
             if len(accepted) >= wanted:
                 filters["surplus_unused"] += 1
