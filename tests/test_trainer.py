@@ -153,6 +153,44 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+class UnevenBatches(ToyRegressionTask):
+    """Micro-batches of 2 and 6 rows, each loss a mean over its rows."""
+
+    def train_batches(self, epoch, rank, world_size, seed):
+        rows = super().train_batches(epoch, rank, world_size, seed)
+        x = torch.cat([r[0] for r in rows])
+        y = torch.cat([r[1] for r in rows])
+        return [(x[i:i + n], y[i:i + n], False) for i, n in ((0, 2), (2, 6), (8, 2), (10, 6))]
+
+
+
+class WeightedUnevenBatches(UnevenBatches):
+    """The same, weighted by rows: the step then optimises the mean over all 8 rows."""
+
+    def batch_weight(self, batch):
+        return float(len(batch[0]))
+
+
+def test_batch_weight_makes_accumulation_a_mean_over_the_whole_step(tmp_path):
+    settings = ["run.max_steps=2", "optim.grad_accum=2", "optim.grad_clip=0"]
+    weighted = WeightedUnevenBatches(samples=16, dropout=0.0, noise=False)
+    Trainer(make_config(tmp_path / "w", *settings), weighted).train()
+    plain = UnevenBatches(samples=16, dropout=0.0, noise=False)
+    Trainer(make_config(tmp_path / "p", *settings), plain).train()
+
+    whole = ToyRegressionTask(samples=16, dropout=0.0, noise=False)
+    batches = UnevenBatches(samples=16).train_batches(0, 0, 1, 0)
+    whole.train_batches = lambda *args: [
+        (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), False)
+        for a, b in (batches[:2], batches[2:])]
+    Trainer(make_config(tmp_path / "one", "run.max_steps=2", "optim.grad_clip=0"),
+            whole).train()
+    for got, want in zip(weights(weighted), weights(whole)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+                   for a, b in zip(weights(plain), weights(whole)))
+
+
 @pytest.mark.parametrize("override, field", [
     ("optim.lr=0", "optim.lr"),
     ("optim.lr=-1e-3", "optim.lr"),

@@ -178,16 +178,12 @@ def min_over_ranks(value: int, info: DistInfo) -> int:
     return int(tensor.item())
 
 
-def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Each metric averaged over ranks (same keys on every rank required)."""
-    if not info.distributed or not values:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                          device=_collective_device(info))
+def sum_over_ranks(value: float, info: DistInfo) -> float:
+    if not info.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device(info))
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    tensor /= info.world_size
-    return dict(zip(keys, tensor.tolist()))
+    return float(tensor.item())
 
 
 def gather_objects(obj: object, info: DistInfo) -> list[object]:

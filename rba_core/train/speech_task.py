@@ -87,6 +87,11 @@ class SpeechDistillTask:
         return EpochBatches(self.dataset, self.batch_size, seed=seed, epoch=epoch, rank=rank,
                             world_size=world_size)
 
+    def batch_weight(self, batch: "SpeechBatch | None") -> float:
+        """Response tokens: the losses are per-token means, so the trainer weights each
+        micro-batch (and rank) by its tokens to optimise the mean over the whole step."""
+        return 0.0 if batch is None else float(batch.num_tokens)
+
     def loss(self, batch: "SpeechBatch | None") -> tuple[torch.Tensor, dict[str, float]]:
         from rba_core.distill import kd_loss, sft_loss
 

@@ -35,8 +35,10 @@ class TrainTask(Protocol):
     batches already trained on (or, when the returned object has ``iter_from(n)``, asks it to
     start at batch ``n`` without loading the ones before). Optional methods the trainer uses
     when present:
-    ``state_dict()`` / ``load_state_dict(state)`` for state beyond the parameters, and
-    ``fsdp_modules() -> list[nn.Module]`` (innermost first) for ``run.strategy=fsdp``.
+    ``state_dict()`` / ``load_state_dict(state)`` for state beyond the parameters,
+    ``fsdp_modules() -> list[nn.Module]`` (innermost first) for ``run.strategy=fsdp``, and
+    ``batch_weight(batch) -> float`` (e.g. the token count) to weight micro-batches and ranks
+    by it, so that a per-token mean loss trains exactly as on the combined batch.
     """
 
     def trainable_parameters(self) -> list[nn.Parameter]: ...
@@ -256,8 +258,8 @@ class Trainer:
                 grad.mul_(scale)
         return norm
 
-    def _micro_step(self, batch: Any, accum: int, fsdp: bool) -> tuple[bool, float,
-                                                                        dict[str, float]]:
+    def _micro_step(self, batch: Any, scale: float, fsdp: bool) -> tuple[bool, float,
+                                                                          dict[str, float]]:
         with self._autocast():
             loss, metrics = self.task.loss(batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -270,16 +272,33 @@ class Trainer:
             # FSDP's backward holds collectives: every rank must agree before any starts one.
             finite = dd.all_true(finite, self.dist)
         if finite:
-            (loss.reshape(()) / accum).backward()
+            (loss.reshape(()) * scale).backward()
         return finite, value, {k: float(v) for k, v in metrics.items()}
 
+    def _loss_scales(self, group: list[Any]) -> list[float]:
+        """The factor on each micro-batch's loss before backward.
+
+        Gradients are averaged over ranks afterwards, so plain ``1 / accum`` weighs every
+        micro-batch equally. A task with ``batch_weight(batch)`` (e.g. its token count, for a
+        per-token mean loss) gets ``world * w / sum(w over all ranks and micro-batches)``
+        instead, which makes the update that of one process on the combined batch.
+        """
+        weight_fn = getattr(self.task, "batch_weight", None)
+        if not callable(weight_fn):
+            return [1.0 / len(group)] * len(group)
+        weights = [float(weight_fn(batch)) for batch in group]
+        total = dd.sum_over_ranks(sum(weights), self.dist)
+        if total <= 0:
+            return [0.0] * len(group)
+        return [self.dist.world_size * weight / total for weight in weights]
+
     def _optimizer_step(self, group: list[Any], fsdp: bool) -> dict[str, Any]:
-        accum = len(group)
+        scales = self._loss_scales(group)
         losses: list[float] = []
         sums: dict[str, float] = {}
         ok = True
-        for batch in group:
-            finite, value, metrics = self._micro_step(batch, accum, fsdp)
+        for batch, scale in zip(group, scales):
+            finite, value, metrics = self._micro_step(batch, scale, fsdp)
             if not finite:
                 ok = False
                 self.nonfinite_loss += 1
