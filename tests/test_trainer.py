@@ -358,8 +358,16 @@ def test_schedule_shape_and_logged_learning_rates(tmp_path):
 
 
 def test_metrics_file_and_plot(tmp_path, caplog):
-    result = Trainer(make_config(tmp_path, "run.max_steps=4", "run.log_every=2"),
-                     ToyRegressionTask(samples=32)).train()
+    with caplog.at_level(logging.WARNING, logger="rba.train"):
+        result = Trainer(make_config(tmp_path, "run.max_steps=4", "run.log_every=2",
+                                     "run.tensorboard=true"),
+                         ToyRegressionTask(samples=32)).train()
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert "tensorboard is not installed" in caplog.text
+    else:
+        assert any((tmp_path / "tensorboard").iterdir())
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4]
     for record in records:
