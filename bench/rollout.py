@@ -19,15 +19,18 @@ import time
 import torch
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of ``repeats`` runs after one warm-up (seconds)."""
-    fn()
-    best = float("inf")
+def timed_pair(first, second, repeats: int) -> tuple[float, float]:
+    """Best wall times (seconds) of two functions after one warm-up each, run alternately so
+    that load from other processes on a shared machine hits both alike."""
+    first()
+    second()
+    best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for i, fn in enumerate((first, second)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 def make_prompt(folder, length: int) -> torch.Tensor:
@@ -48,18 +51,20 @@ def rollout_part(args, G, P, T, prompt, engine, sampling, hf, add, ratios) -> No
     def ours():
         batch = engine.generate([prompt], G, sampling, seeds=[0])
         assert int(batch.lengths.min()) == T
-    ours_s = timed(ours, args.repeats)
-    ours_tps = G * T / ours_s
-    add(f"(a) rollout G={G}", "rba shared-prefix", f"{ours_tps:.1f} tok/s",
+
+    def theirs():
+        with torch.no_grad():
+            out = hf.generate(prompt[None], do_sample=True, temperature=0.8, top_k=50,
+                              top_p=0.95, max_new_tokens=T, min_new_tokens=T,
+                              num_return_sequences=G, pad_token_id=0)
+        assert out.shape == (G, P + T)
+    if hf is not None:
+        ours_s, hf_s = timed_pair(ours, theirs, args.repeats)
+    else:
+        ours_s, _ = timed_pair(ours, lambda: None, args.repeats)
+    add(f"(a) rollout G={G}", "rba shared-prefix", f"{G * T / ours_s:.1f} tok/s",
         f"{ours_s:.2f} s")
     if hf is not None:
-        def theirs():
-            with torch.no_grad():
-                out = hf.generate(prompt[None], do_sample=True, temperature=0.8, top_k=50,
-                                  top_p=0.95, max_new_tokens=T, min_new_tokens=T,
-                                  num_return_sequences=G, pad_token_id=0)
-            assert out.shape == (G, P + T)
-        hf_s = timed(theirs, args.repeats)
         add(f"(a) rollout G={G}", "transformers generate",
             f"{G * T / hf_s:.1f} tok/s", f"{hf_s:.2f} s")
         ratios[f"rollout_g{G}_vs_transformers"] = round(hf_s / ours_s, 3)
@@ -91,7 +96,7 @@ def scoring_part(args, G, P, T, prompt, model, engine, add, ratios) -> None:
             sequences = torch.cat([prompt.expand(G, P), continuations[0]], dim=1)
             hidden = model(sequences, return_hidden=True)[:, P - 1: P + T - 1]
             fused_linear_logprobs(hidden, model.lm_head_weight, continuations[0])
-    shared_s, full_s = timed(score_shared, args.repeats), timed(score_full, args.repeats)
+    shared_s, full_s = timed_pair(score_shared, score_full, args.repeats)
     add(f"(c) scoring G={G}", "shared prefill / G full forwards",
         f"{shared_s:.2f} / {full_s:.2f} s", f"x{full_s / shared_s:.2f}")
     ideal = G * (P + T) / (P + G * T)
@@ -119,7 +124,7 @@ def training_part(args, G, P, T, prompt, model, add, ratios) -> None:
         hidden = model(sequences, return_hidden=True)[:, P - 1: P + T - 1]
         fused_linear_logprobs(hidden, model.lm_head_weight, continuations[0]).sum().backward()
         model.zero_grad(set_to_none=True)
-    tshared_s, tfull_s = timed(train_shared, args.repeats), timed(train_full, args.repeats)
+    tshared_s, tfull_s = timed_pair(train_shared, train_full, args.repeats)
     model.requires_grad_(False)
     add(f"(d) train fwd+bwd G={G}", "shared prefix / unshared",
         f"{tshared_s:.2f} / {tfull_s:.2f} s", f"x{tfull_s / tshared_s:.2f}")
@@ -133,7 +138,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--parts", default="abcd", help="which of the parts a-d to run")
     parser.add_argument("--skip-transformers", action="store_true")

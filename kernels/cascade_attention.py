@@ -1,4 +1,4 @@
-"""Cascade (bifurcated) attention: queries of G samples over one shared prefix plus their own suffix.
+"""Cascade (bifurcated) attention: G samples' queries over one shared prefix plus own suffixes.
 
 A group of G samples continues the same prompt. Their keys and values split into the prompt's
 (stored once per prompt) and each sample's own suffix. Attention over the concatenation equals
@@ -53,11 +53,13 @@ def _check_inputs(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix
     B, Hkv, _, Dk = prefix_k.shape
     if Dk != D or suffix_k.shape[3] != D:
         raise ValueError(
-            f"cascade_attention: head size differs: q has {D}, prefix {Dk}, suffix {suffix_k.shape[3]}"
+            f"cascade_attention: head size differs: q has {D}, prefix {Dk}, "
+            f"suffix {suffix_k.shape[3]}"
         )
     if suffix_k.shape[1] != Hkv:
         raise ValueError(
-            f"cascade_attention: prefix has {Hkv} key/value heads but suffix has {suffix_k.shape[1]}"
+            f"cascade_attention: prefix has {Hkv} key/value heads but suffix has "
+            f"{suffix_k.shape[1]}"
         )
     if Hq % Hkv != 0:
         raise ValueError(
@@ -66,10 +68,13 @@ def _check_inputs(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix
     for name, t, n in (("prefix_lens", prefix_lens, B), ("suffix_lens", suffix_lens, S),
                        ("sample_prompt", sample_prompt, S)):
         if t.dim() != 1 or t.shape[0] != n:
-            raise ValueError(f"cascade_attention: {name} must be 1-D of length {n}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"cascade_attention: {name} must be 1-D of length {n}, got {tuple(t.shape)}"
+            )
     if sample_rows is not None and (sample_rows.dim() != 1 or sample_rows.shape[0] != S):
         raise ValueError(
-            f"cascade_attention: sample_rows must be 1-D of length {S}, got {tuple(sample_rows.shape)}"
+            f"cascade_attention: sample_rows must be 1-D of length {S}, got "
+            f"{tuple(sample_rows.shape)}"
         )
     if q.dtype != prefix_k.dtype or q.dtype != suffix_k.dtype:
         raise ValueError(

@@ -35,7 +35,8 @@ def _case(dtype, *, B=3, G=3, Hkv=2, rep=3, D=16, P=21, T=9, Tq=1, drop=(), rows
 
 def _oracle(tensors, prefix_lens, suffix_lens, sample_prompt, sample_rows):
     q, pk, pv, sk, sv = (t.double() for t in tensors)
-    return attention_reference(q, pk, pv, prefix_lens, sk, sv, suffix_lens, sample_prompt, sample_rows)
+    return attention_reference(q, pk, pv, prefix_lens, sk, sv, suffix_lens, sample_prompt,
+                               sample_rows)
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
@@ -50,7 +51,8 @@ def test_decode_matches_concatenated_attention(backend, dtype, drop):
     expected = _oracle(tensors, plen, slen, sp, rows)
     q, pk, pv, sk, sv = tensors
     # Group starts and the group bound given up front: the sync-free call the engine makes.
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(sp, minlength=3).cumsum(0)])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long),
+                        torch.bincount(sp, minlength=3).cumsum(0)])
     out = cascade_attention(q, pk, pv, plen, sk, sv, slen, sp, rows, backend=backend,
                             max_group=G, group_starts=starts)
     assert out.dtype == dtype and out.shape == expected.shape

@@ -76,17 +76,6 @@ class SharedPrefixKVCache:
         self.suffix_k[layer, rows, :, position] = k[:, :, 0]
         self.suffix_v[layer, rows, :, position] = v[:, :, 0]
 
-    def memory_bytes(self, num_prompts: int, prompt_lens: torch.Tensor | list[int],
-                     num_samples: int, new_tokens: int) -> int:
-        """Bytes of K/V this layout needs for the given rollout (padding excluded)."""
-        per_token = self._bytes_per_token()
-        total_prompt = int(sum(int(p) for p in prompt_lens))
-        return per_token * (total_prompt + num_samples * new_tokens)
-
-    def _bytes_per_token(self) -> int:
-        L, _, H, _, D = self.prefix_k.shape
-        return 2 * L * H * D * self.prefix_k.element_size()
-
 
 def unshared_kv_bytes(*, num_layers: int, num_kv_heads: int, head_dim: int,
                       element_size: int, prompt_lens: list[int], group_size: int,

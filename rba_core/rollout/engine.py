@@ -125,6 +125,27 @@ def continuations_tensor(continuations: torch.Tensor | Sequence[Sequence[torch.T
     return ids.masked_fill(~valid, 0), lengths
 
 
+def _finished(new: torch.Tensor, active: torch.Tensor, t: int, tokens: torch.Tensor,
+              reasons: list[str], sampling: SamplingConfig, stop_ids: torch.Tensor,
+              tokenizer: Decoder | None) -> torch.Tensor:
+    """Which of the just-drawn tokens ``new`` (of samples ``active``) end their sample; records
+    the finish reason. ``tokens [S, T]`` holds every sample's tokens up to step t."""
+    done = torch.isin(new, stop_ids)
+    for j in done.nonzero()[:, 0].tolist():
+        reasons[int(active[j])] = FINISH_STOP
+    if sampling.stop_strings:
+        # A stop string completed by this token lies within the last few tokens: decoding a
+        # tail of (longest stop string + slack) tokens finds it without re-decoding everything.
+        window = max(len(s) for s in sampling.stop_strings) + 8
+        for j, s in enumerate(active.tolist()):
+            if not done[j]:
+                text = tokenizer.decode(tokens[s, max(0, t + 1 - window): t + 1].tolist())
+                if any(stop in text for stop in sampling.stop_strings):
+                    reasons[s] = FINISH_STOP_STRING
+                    done[j] = True
+    return done
+
+
 def _score_hidden(prompt_hidden: torch.Tensor, prompts: Prompts, cont_hidden: torch.Tensor,
                   B: int, G: int) -> torch.Tensor:
     """Hidden states that predict each continuation token: the prompt's last one for token 0,
@@ -308,7 +329,6 @@ class RolloutEngine:
         lengths = torch.zeros(S, dtype=torch.long)
         reasons = [FINISH_LENGTH] * S
         stop_ids = torch.tensor(sorted(set(sampling.stop_ids)), dtype=torch.long)
-        longest_stop = max((len(s) for s in sampling.stop_strings), default=0)
         graphed = self._graph_for(B, G) if self.static_decode else None
 
         active = torch.arange(S)  # sample indices still generating, in (prompt, g) order
@@ -328,35 +348,20 @@ class RolloutEngine:
             logp[active, t] = new_logp.float().cpu()
             sample_logp[active, t] = new_slogp.float().cpu()
             lengths[active] = t + 1
-            done = torch.isin(new, stop_ids) if stop_ids.numel() else torch.zeros_like(new, dtype=torch.bool)
-            for j, s in enumerate(active.tolist()):
-                if done[j]:
-                    reasons[s] = FINISH_STOP
-                elif longest_stop:
-                    tail = tokens[s, max(0, t + 1 - longest_stop - 8): t + 1].tolist()
-                    text = tokenizer.decode(tail)
-                    if any(stop in text for stop in sampling.stop_strings):
-                        reasons[s] = FINISH_STOP_STRING
-                        done[j] = True
-            if t == T_max - 1:
+            done = _finished(new, active, t, tokens, reasons, sampling, stop_ids, tokenizer)
+            if t == T_max - 1 or bool(done.all()):
                 break
-            keep = ~done
-            if not bool(keep.any()):
-                break
+            active, new = active[~done], new[~done]
             if graphed is not None:
-                feed = tokens[:, t].clone()
-                graphed_logits = graphed.step(feed.to(dev), prompt_lens_of + t, t)
-                active = active[keep]
-                logits = graphed_logits
+                # The static step runs every sample; finished ones are fed any token and ignored.
+                logits = graphed.step(tokens[:, t].to(dev), prompt_lens_of + t, t)
                 continue
-            active = active[keep]
-            new = new[keep]
             active_dev = active.to(dev)
-            sample_prompt = sample_prompt_all[active_dev]
             hidden = suffix_forward(
-                model, model.embed(new.to(dev))[:, None], (prompt_lens_of[active_dev] + t)[:, None],
-                prefix_keys, prefix_values, cache.prefix_lens[:B], sample_prompt, G,
-                cache=cache, rows=active_dev, cache_position=t,
+                model, model.embed(new.to(dev))[:, None],
+                (prompt_lens_of[active_dev] + t)[:, None], prefix_keys, prefix_values,
+                cache.prefix_lens[:B], sample_prompt_all[active_dev], G, cache=cache,
+                rows=active_dev, cache_position=t,
                 suffix_lens=torch.full((active.numel(),), t + 1, dtype=torch.long, device=dev),
                 backend=self.attention_backend,
             )

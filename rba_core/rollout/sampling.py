@@ -83,8 +83,9 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, config: Sampling
 
     Inverse-CDF sampling with one uniform per row keeps a request's draws a function of its own
     seed alone. With top-k the draw is among exactly k tokens (a tie at the k-th value keeps
-    the one ``torch.topk`` returns; ``filter_logits`` would keep both). Returns (tokens [N], log-prob under the untempered model [N], log-prob under
-    the sampling distribution [N]), both float32.
+    the one ``torch.topk`` returns; ``filter_logits`` would keep both). Returns (tokens [N],
+    log-prob under the untempered model [N], log-prob under the sampling distribution [N]),
+    both log-probs float32.
     """
     model_logp = torch.log_softmax(logits.float(), dim=-1)
     if config.temperature == 0:
