@@ -1,7 +1,7 @@
 """``torchrun --nproc_per_node=2`` (gloo): two ranks on half batches take the same steps as one
 process on the combined batch, with data-parallel all-reduce and with FSDP2 sharding (including
 a resume from a sharded checkpoint), a NaN on one rank skips the step on both, and the SpeechLM's
-token-weighted SFT matches too.
+token-weighted SFT matches too, replicated and with its layers sharded by FSDP2.
 
 The test launches this file as the torchrun worker script.
 """
@@ -33,18 +33,22 @@ def make_task(batch_size: int, poison=()):
                              init_seed=1, poison=poison)
 
 
+def write_speech_files(root: Path) -> None:
+    from test_speechlm import ROWS, write_dataset, write_tiny_llm
+
+    write_tiny_llm(root / "llm")
+    write_dataset(root / "data", ROWS * 2)
+
+
 def speech_task(root: Path, batch_size: int):
-    from test_speechlm import ROWS, tiny_speechlm, write_dataset
+    from test_speechlm import tiny_speechlm
 
     from rba_core.data import SpeechDataset
     from rba_core.train.speech_task import SpeechDistillTask
 
     torch.manual_seed(0)
     speechlm = tiny_speechlm(root / "llm")
-    data = root / "data"
-    if not (data / "manifest.jsonl").is_file():
-        write_dataset(data, ROWS * 2)
-    dataset = SpeechDataset(data, "train", speechlm.tokenizer)
+    dataset = SpeechDataset(root / "data", "train", speechlm.tokenizer)
     return SpeechDistillTask(speechlm, dataset, task="sft", batch_size=batch_size)
 
 
@@ -64,6 +68,7 @@ def trained(task) -> list[torch.Tensor]:
 
 def worker(out: Path) -> None:
     from rba_core.train import init_distributed, shutdown
+    from rba_core.train.distributed import barrier
 
     info = init_distributed("cpu")
     results = {}
@@ -86,10 +91,17 @@ def worker(out: Path) -> None:
     results["nan"] = (trained(task), summary.skipped_steps)
 
     # The SpeechLM's SFT: rows with different response lengths on the two ranks, weighted by
-    # tokens, must give the per-token mean over the combined batch.
+    # tokens, must give the per-token mean over the combined batch; also with its encoder and
+    # LLM layers sharded by FSDP2. Rank 0 writes the model and data files first.
+    if info.rank == 0:
+        write_speech_files(out)
+    barrier(info)
     task = speech_task(out, batch_size=1)
     summary = run(out / "speech", task, *SPEECH)
     results["speech"] = (trained(task), summary.skipped_steps)
+    task = speech_task(out, batch_size=1)
+    summary = run(out / "speech-fsdp", task, *SPEECH, "run.strategy=fsdp")
+    results["speech-fsdp"] = (trained(task), summary.skipped_steps)
 
     if info.rank == 0:
         torch.save(results, out / "results.pt")
@@ -117,11 +129,11 @@ def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     speech = speech_task(tmp_path, batch_size=2)
     speech_start = trained(speech)
     summary = run(tmp_path / "single-speech", speech, *SPEECH)
-    expected["speech"] = (trained(speech), summary.skipped_steps)
+    expected["speech"] = expected["speech-fsdp"] = (trained(speech), summary.skipped_steps)
     start = trained(make_task(8))
 
     for name, initial_weights in (("ddp", start), ("fsdp", start), ("nan", start),
-                                  ("speech", speech_start)):
+                                  ("speech", speech_start), ("speech-fsdp", speech_start)):
         got, skipped = results[name]
         want, want_skipped = expected[name]
         assert skipped == want_skipped == (1 if name == "nan" else 0), name
