@@ -61,9 +61,14 @@ setup(
         "rba_core.kernels",
         "rba_core.models",
         "rba_core.rollout",
+        "rba_core.synth",
+        "rba_core.train",
     ],
     package_dir={"rba_core.kernels": "kernels"},
-    package_data={"rba_core": ["assets/*"]},
+    package_data={
+        "rba_core": ["assets/*", "assets/*/*"],
+        "rba_core.train": ["configs/*.yaml"],
+    },
     install_requires=[
         "torch>=2.4",
         "numpy",

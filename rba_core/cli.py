@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "rba_core.commands.prepare",
     "rba_core.commands.generate",
     "rba_core.commands.chat",
+    "rba_core.commands.synth",
+    "rba_core.commands.train",
 )
 
 
