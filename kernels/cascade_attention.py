@@ -170,7 +170,8 @@ def cascade_attention_reference(
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
 
-    qs = q.to(acc_dtype).reshape(S, Tq, Hkv, rep, D)
+    # The scale goes on the (small) queries once instead of on every score matrix.
+    qs = (q.to(acc_dtype) * scale).reshape(S, Tq, Hkv, rep, D)
     # With S == B * max_group every group is full (no group exceeds max_group), so samples
     # already form a dense [B, G] grid; otherwise scatter them into one. Either way one batched
     # matmul per prompt reads its prefix once for all of its samples.
@@ -185,35 +186,34 @@ def cascade_attention_reference(
         G = int(counts.max()) if max_group is None else max_group
         dense = qs.new_zeros(B, G, Tq, Hkv, rep, D).index_put((sample_prompt, slot), qs)
     qd = dense.permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, G * Tq * rep, D)
-    s_p = (qd @ prefix_k.to(acc_dtype).transpose(-1, -2)) * scale
-    p_valid = torch.arange(P, device=dev)[None, :] < prefix_lens[:, None]
-    s_p = s_p.masked_fill(~p_valid[:, None, None, :], float("-inf"))
+    s_p = qd @ prefix_k.to(acc_dtype).transpose(-1, -2)
+    p_masked = torch.arange(P, device=dev)[None, :] >= prefix_lens[:, None]
+    s_p = s_p.masked_fill(p_masked[:, None, None, :], float("-inf"))
     # The running maxima only stabilise exp(); the result does not depend on them, so they
     # carry no gradient (this also keeps fully masked rows free of NaN gradients).
     m_p = s_p.amax(-1, keepdim=True).detach()
     e_p = torch.exp(s_p - m_p)
-    l_p = e_p.sum(-1, keepdim=True)
-    acc_p = e_p @ prefix_v.to(acc_dtype)
-
-    def to_samples(t: torch.Tensor) -> torch.Tensor:
-        last = t.shape[-1]
-        t = t.reshape(B, Hkv, G, Tq, rep, last).permute(0, 2, 1, 3, 4, 5)
-        t = t.reshape(S, Hkv, Tq, rep, last) if full else t[sample_prompt, slot]
-        return t.reshape(S, Hkv, Tq * rep, last)
-
-    m_p, l_p, acc_p = to_samples(m_p), to_samples(l_p), to_samples(acc_p)
+    # One regrouping to per-sample layout for the whole partial state [acc | sum | max].
+    state = torch.cat([e_p @ prefix_v.to(acc_dtype), e_p.sum(-1, keepdim=True), m_p], dim=-1)
+    state = state.reshape(B, Hkv, G, Tq, rep, D + 2).permute(0, 2, 1, 3, 4, 5)
+    state = state.reshape(S, Hkv, Tq, rep, D + 2) if full else state[sample_prompt, slot]
+    state = state.reshape(S, Hkv, Tq * rep, D + 2)
+    acc_p, l_p, m_p = state[..., :D], state[..., D:D + 1], state[..., D + 1:]
 
     ks = suffix_k.index_select(0, sample_rows).to(acc_dtype)
     vs = suffix_v.index_select(0, sample_rows).to(acc_dtype)
     T = ks.shape[2]
     qq = qs.permute(0, 2, 1, 3, 4).reshape(S, Hkv, Tq * rep, D)
-    s_s = (qq @ ks.transpose(-1, -2)) * scale
-    q_pos = suffix_lens[:, None] - Tq + torch.arange(Tq, device=dev)[None, :]
-    visible = torch.arange(T, device=dev)[None, None, :] <= q_pos[:, :, None]
-    visible = visible[:, :, None, :].expand(S, Tq, rep, T).reshape(S, 1, Tq * rep, T)
-    s_s = s_s.masked_fill(~visible, float("-inf"))
-    m_s = s_s.amax(-1, keepdim=True).detach()
-    m = torch.maximum(m_p, m_s)
+    s_s = qq @ ks.transpose(-1, -2)
+    key_index = torch.arange(T, device=dev)
+    if Tq == 1:
+        hidden_keys = (key_index[None, :] >= suffix_lens[:, None])[:, None, None, :]
+    else:
+        q_pos = suffix_lens[:, None] - Tq + torch.arange(Tq, device=dev)[None, :]
+        hidden_keys = key_index[None, None, :] > q_pos[:, :, None]
+        hidden_keys = hidden_keys[:, :, None, :].expand(S, Tq, rep, T).reshape(S, 1, Tq * rep, T)
+    s_s = s_s.masked_fill(hidden_keys, float("-inf"))
+    m = torch.maximum(m_p, s_s.amax(-1, keepdim=True).detach())
     e_s = torch.exp(s_s - m)
     w_p = torch.exp(m_p - m)
     out = (acc_p * w_p + e_s @ vs) / (l_p * w_p + e_s.sum(-1, keepdim=True))
