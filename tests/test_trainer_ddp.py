@@ -33,6 +33,13 @@ def make_task(batch_size: int, poison=()):
                              init_seed=1, poison=poison)
 
 
+def command_args(root: Path) -> list[str]:
+    return [f"model.encoder={root / 'encoder'}", f"model.llm={root / 'llm'}",
+            f"data.dir={root / 'data'}", "data.batch_size=1", "model.lora_rank=2", "task=kd",
+            "run.strategy=fsdp", "run.max_steps=2", "run.max_epochs=0", "run.device=cpu",
+            "run.progress=false", "run.plot=false", f"run.output_dir={root / 'cmd'}"]
+
+
 def write_speech_files(root: Path) -> None:
     from test_speechlm import ROWS, write_dataset, write_tiny_llm
 
@@ -67,6 +74,8 @@ def trained(task) -> list[torch.Tensor]:
 
 
 def worker(out: Path) -> None:
+    from test_trainer import _rba_train, write_tiny_encoder
+
     from rba_core.train import init_distributed, shutdown
     from rba_core.train.distributed import barrier
 
@@ -95,6 +104,7 @@ def worker(out: Path) -> None:
     # LLM layers sharded by FSDP2. Rank 0 writes the model and data files first.
     if info.rank == 0:
         write_speech_files(out)
+        write_tiny_encoder(out / "encoder")
     barrier(info)
     task = speech_task(out, batch_size=1)
     summary = run(out / "speech", task, *SPEECH)
@@ -102,6 +112,9 @@ def worker(out: Path) -> None:
     task = speech_task(out, batch_size=1)
     summary = run(out / "speech-fsdp", task, *SPEECH, "run.strategy=fsdp")
     results["speech-fsdp"] = (trained(task), summary.skipped_steps)
+
+    # `rba train` with LoRA inside the FSDP-sharded layers: the exported adapter is whole.
+    assert _rba_train(command_args(out)) == 0
 
     if info.rank == 0:
         torch.save(results, out / "results.pt")
@@ -131,6 +144,18 @@ def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     summary = run(tmp_path / "single-speech", speech, *SPEECH)
     expected["speech"] = expected["speech-fsdp"] = (trained(speech), summary.skipped_steps)
     start = trained(make_task(8))
+
+    from rba_core.speechlm import SpeechLM
+    from rba_core.train import checkpoint as ckpt
+
+    exported = SpeechLM.from_pretrained(tmp_path / "encoder", tmp_path / "llm",
+                                        tmp_path / "cmd" / "adapter")
+    params = exported.trainable_parameters()
+    assert any("lora" in name for name, p in exported.named_parameters() if p.requires_grad)
+    saved = ckpt.read_params(ckpt.latest_checkpoint(tmp_path / "cmd"),
+                             [tuple(p.shape) for p in params])
+    for got, want in zip(params, saved):
+        assert torch.equal(got.detach(), want)
 
     for name, initial_weights in (("ddp", start), ("fsdp", start), ("nan", start),
                                   ("speech", speech_start), ("speech-fsdp", speech_start)):

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"--resume: {config.run.output_dir} holds no checkpoint; "
                                   "check run.output_dir or drop --resume to start a new run")
 
+    from rba_core.train.distributed import barrier, unsharded
     from rba_core.train.speech_task import build_speech_task, describe
 
     info = init_distributed(config.run.device)
@@ -79,9 +80,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"rba train: skipped manifest rows: {facts['skipped_rows']}",
                       file=sys.stderr)
         result = Trainer(config, task, dist_info=info).train()
+        adapter_dir = result.output_dir / "adapter"
+        # LoRA weights inside FSDP-sharded layers are gathered on every rank for the export.
+        sharded = task.fsdp_modules() if config.run.strategy == "fsdp" else []
+        with unsharded(sharded):
+            if info.is_main:
+                task.speechlm.save_trainable(adapter_dir)
+            barrier(info)
         if info.is_main:
-            adapter_dir = result.output_dir / "adapter"
-            task.speechlm.save_trainable(adapter_dir)
             loss = result.last_metrics.get("loss")
             print(f"rba train: {result.step} steps ({result.skipped_steps} skipped), last loss "
                   f"{loss if loss is None else f'{loss:.4f}'}; adapter in {adapter_dir}, "

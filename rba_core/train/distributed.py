@@ -9,9 +9,10 @@ it reduce-scatters their gradients itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -221,6 +222,19 @@ def set_fsdp_gradient_sync(modules: list[torch.nn.Module], enabled: bool) -> Non
     """Skip the reduce-scatter on all but the last micro-batch of an accumulation group."""
     for module in modules:
         module.set_requires_gradient_sync(enabled)
+
+
+@contextlib.contextmanager
+def unsharded(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Within the block, FSDP2-sharded ``modules`` hold their whole parameters as plain
+    tensors on every rank (a collective), e.g. to export them with ordinary save code."""
+    for module in modules:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
