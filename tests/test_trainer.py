@@ -518,3 +518,23 @@ def test_rba_train_command_trains_saves_and_resumes(tiny_models, tmp_path, capsy
     with pytest.raises(ConfigError, match="manifest.jsonl"):
         _rba_train([*common, "run.max_steps=1", f"data.dir={tmp_path}",
                     f"run.output_dir={tmp_path / 'x'}"])
+
+
+class RecordsDtype(ToyRegressionTask):
+    def loss(self, batch):
+        x, y, _ = batch
+        self.seen = self.model(x).dtype
+        return super().loss(batch)
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16),
+                                             ("float32", torch.float32),
+                                             ("auto", torch.float32)])
+def test_autocast_follows_run_dtype(tmp_path, dtype, expected):
+    # "auto" means bf16 only on a GPU; this runs on the CPU.
+    task = RecordsDtype(samples=8)
+    config = make_config(tmp_path, "run.max_steps=1")
+    config.run.dtype = dtype
+    Trainer(config, task).train()
+    assert task.seen == expected
+    assert all(p.dtype == torch.float32 for p in task.trainable_parameters())
