@@ -176,6 +176,9 @@ def cascade_attention_reference(
     # already form a dense [B, G] grid; otherwise scatter them into one. Either way one batched
     # matmul per prompt reads its prefix once for all of its samples.
     full = max_group is not None and S == B * max_group
+    if full and Tq == 1:
+        return _decode_full_groups(qs, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
+                                   suffix_lens, sample_rows, max_group).to(q.dtype)
     if full:
         G = max_group
         dense = qs.reshape(B, G, Tq, Hkv, rep, D)
@@ -219,6 +222,34 @@ def cascade_attention_reference(
     out = (acc_p * w_p + e_s @ vs) / (l_p * w_p + e_s.sum(-1, keepdim=True))
     out = out.reshape(S, Hkv, Tq, rep, D).permute(0, 2, 1, 3, 4).reshape(S, Tq, Hq, D)
     return out.to(q.dtype)
+
+
+def _decode_full_groups(qs, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                        sample_rows, G: int) -> torch.Tensor:
+    """Decode step (one query per sample) with every group full: the prefix and suffix scores
+    of a group sit side by side in one [G * rep, P + T] block per (prompt, kv head), so a
+    single softmax replaces the two partial ones and their merge (half the ops of the general
+    path; this runs once per layer and step). ``qs`` is [S, 1, Hkv, rep, D], scaled."""
+    S, _, Hkv, rep, D = qs.shape
+    B, _, P, _ = prefix_k.shape
+    dev = qs.device
+    acc_dtype = qs.dtype
+    qd = qs.reshape(B, G, Hkv, rep, D).transpose(1, 2).reshape(B, Hkv, G * rep, D)
+    s_p = qd @ prefix_k.to(acc_dtype).transpose(-1, -2)
+    s_p = s_p.masked_fill((torch.arange(P, device=dev)[None, :] >= prefix_lens[:, None])
+                          [:, None, None, :], float("-inf"))
+    ks = suffix_k.index_select(0, sample_rows).to(acc_dtype)
+    vs = suffix_v.index_select(0, sample_rows).to(acc_dtype)
+    T = ks.shape[2]
+    s_s = qs.reshape(S, Hkv, rep, D) @ ks.transpose(-1, -2)
+    s_s = s_s.masked_fill((torch.arange(T, device=dev)[None, :] >= suffix_lens[:, None])
+                          [:, None, None, :], float("-inf"))
+    s_s = s_s.reshape(B, G, Hkv, rep, T).transpose(1, 2).reshape(B, Hkv, G * rep, T)
+    probs = torch.softmax(torch.cat([s_p, s_s], dim=-1), dim=-1)
+    out_p = probs[..., :P] @ prefix_v.to(acc_dtype)
+    p_s = probs[..., P:].reshape(B, Hkv, G, rep, T).transpose(1, 2).reshape(S, Hkv, rep, T)
+    out = out_p.reshape(B, Hkv, G, rep, D).transpose(1, 2).reshape(S, Hkv, rep, D) + p_s @ vs
+    return out.reshape(S, 1, Hkv * rep, D)
 
 
 def attention_reference(
