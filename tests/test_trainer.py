@@ -296,15 +296,19 @@ def test_keep_last_and_resume_errors(tmp_path):
     Trainer(make_config(out, "run.max_steps=6", "run.checkpoint_every=1", "run.keep_last=2"),
             ToyRegressionTask(samples=16)).train()
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000005", "step_00000006"]
+    before = ckpt.latest_checkpoint(out)
+    with pytest.warns(UserWarning, match="optim.lr differ from the checkpoint"):
+        Trainer(make_config(out, "run.max_steps=7", "optim.lr=0.5"),
+                ToyRegressionTask(samples=16)).train()
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         Trainer(make_config(out, "run.max_steps=8", "run.resume=never"),
                 ToyRegressionTask(samples=16)).train()
     with pytest.raises(CheckpointError, match="shape"):
         Trainer(make_config(out, "run.max_steps=8"),
                 ToyRegressionTask(samples=16, hidden=5)).train()
-    (ckpt.latest_checkpoint(out) / ckpt.STATE_NAME).write_text("{not json")
+    (before / ckpt.STATE_NAME).write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        Trainer(make_config(out, "run.max_steps=8", f"run.resume={out}/checkpoints/step_00000006"),
+        Trainer(make_config(out, "run.max_steps=8", f"run.resume={before}"),
                 ToyRegressionTask(samples=16)).train()
 
 

@@ -231,6 +231,21 @@ class Trainer:
         rng = ckpt.read_torch(folder, ckpt.RNG_NAME)
         return state, rng
 
+    def _warn_changed_settings(self, saved: dict[str, Any]) -> None:
+        """The optimizer's hyper-parameters and base rate come back with its state, so a
+        changed ``optim.lr`` (etc.) would silently not apply; say so."""
+        current = config_to_dict(self.config)
+        changed = [f"optim.{key}" for key in ("lr", "betas", "eps", "weight_decay")
+                   if key in saved.get("optim", {})
+                   and saved["optim"][key] != current["optim"][key]]
+        if changed:
+            message = (f"{', '.join(changed)} differ from the checkpoint's; the resumed "
+                       "optimizer keeps the checkpoint's values (start a new run.output_dir "
+                       "to use the new ones)")
+            if self.dist.is_main:
+                logger.warning(message)
+            warnings.warn(message, stacklevel=3)
+
     # ----------------------------------------------------------------------------- the loop
     def _grad_norm_and_clip(self) -> float:
         """The global L2 norm of all trainable gradients (sharded ones summed over ranks),
@@ -386,6 +401,7 @@ class Trainer:
                               "not replayed exactly", stacklevel=2)
                 rng_states = None
                 seed_everything(config.seed + step, info.rank)
+            self._warn_changed_settings(state.get("config", {}))
             if info.is_main:
                 logger.info("resuming from %s (step %d)", resume_dir, step)
         else:
