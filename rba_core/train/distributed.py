@@ -101,7 +101,9 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an FSDP2 shard (checked by name: importing DTensor initialises
+    more of torch.distributed than a single-process run needs)."""
     return type(tensor).__name__ == "DTensor"
 
 
@@ -112,7 +114,7 @@ def broadcast_parameters(params: Iterable[torch.Tensor], info: DistInfo) -> None
         return
     with torch.no_grad():
         for param in params:
-            if not _is_dtensor(param):
+            if not is_dtensor(param):
                 dist.broadcast(param.data, src=0)
 
 
@@ -124,7 +126,7 @@ def all_reduce_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
     """
     if not info.distributed:
         return
-    replicated = [p for p in params if not _is_dtensor(p)]
+    replicated = [p for p in params if not is_dtensor(p)]
     if not replicated:
         return
     # A parameter no rank used keeps grad None, as in one process (AdamW then leaves it alone).
@@ -218,12 +220,6 @@ def apply_fsdp(modules: list[torch.nn.Module], info: DistInfo, param_dtype: torc
         fully_shard(module, mesh=mesh, mp_policy=policy)
 
 
-def set_fsdp_gradient_sync(modules: list[torch.nn.Module], enabled: bool) -> None:
-    """Skip the reduce-scatter on all but the last micro-batch of an accumulation group."""
-    for module in modules:
-        module.set_requires_gradient_sync(enabled)
-
-
 @contextlib.contextmanager
 def unsharded(modules: list[torch.nn.Module]) -> Iterator[None]:
     """Within the block, FSDP2-sharded ``modules`` hold their whole parameters as plain
@@ -239,7 +235,7 @@ def unsharded(modules: list[torch.nn.Module]) -> Iterator[None]:
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole value of a possibly sharded tensor (a collective for DTensors)."""
-    if _is_dtensor(tensor):
+    if is_dtensor(tensor):
         return tensor.full_tensor()
     return tensor
 
@@ -247,7 +243,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def load_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy an unsharded ``full`` value into ``target``, keeping only this rank's shard."""
     with torch.no_grad():
-        if _is_dtensor(target):
+        if is_dtensor(target):
             from torch.distributed.tensor import distribute_tensor
 
             shard = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh,

@@ -207,7 +207,7 @@ class Trainer:
         optimizer_state = ckpt.read_torch(folder, ckpt.OPTIMIZER_NAME)
         for index, entry in optimizer_state["state"].items():
             param = self.params[int(index)]
-            if dd._is_dtensor(param):
+            if dd.is_dtensor(param):
                 from torch.distributed.tensor import distribute_tensor
 
                 for key, value in entry.items():
@@ -257,11 +257,11 @@ class Trainer:
             if param.grad is None:
                 continue
             grads.append(param.grad)
-            if dd._is_dtensor(param.grad):
+            if dd.is_dtensor(param.grad):
                 sharded += param.grad.to_local().double().pow(2).sum()
             else:
                 local += param.grad.double().pow(2).sum()
-        if any(dd._is_dtensor(g) for g in grads):
+        if any(dd.is_dtensor(g) for g in grads):
             import torch.distributed as dist
 
             dist.all_reduce(sharded)
