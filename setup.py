@@ -84,7 +84,10 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ninja"],
+        # matplotlib draws the training curves; the tests check the PNG is written.
+        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ninja", "matplotlib"],
+        "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
         "bench": ["pytest-benchmark", "transformers>=4.45", "liger-kernel"],
     },
     entry_points={"console_scripts": ["rba=rba_core.cli:main"]},
