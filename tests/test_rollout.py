@@ -325,6 +325,10 @@ def test_bad_inputs_give_clear_errors():
         engine.generate(ok, 2, SamplingConfig(stop_ids=(VOCAB,)))
     with pytest.raises(ConfigError, match="one group per prompt"):
         engine.score(ok, torch.zeros(2, 2, 3, dtype=torch.long))
+    with pytest.raises(ConfigError, match="T = 0"):
+        engine.score(ok, torch.zeros(1, 2, 0, dtype=torch.long))
+    with pytest.raises(ConfigError, match="G >= 1"):
+        engine.score(ok, torch.zeros(1, 0, 3, dtype=torch.long))
     with pytest.raises(ConfigError, match="same number"):
         engine.score(ok + ok, [[torch.tensor([1])], [torch.tensor([1]), torch.tensor([2])]])
     with pytest.raises(ConfigError, match="cuda_graph=True needs the model on a CUDA"):

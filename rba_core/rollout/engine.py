@@ -117,6 +117,9 @@ def continuations_tensor(continuations: torch.Tensor | Sequence[Sequence[torch.T
                           "prompts; pass one group per prompt")
     if ids.shape[1] < 1:
         raise ConfigError("rollout: each prompt needs at least one continuation (G >= 1)")
+    if ids.shape[2] < 1:
+        raise ConfigError("rollout: continuations [B, G, T] have T = 0; there is nothing to "
+                          "score")
     if int(lengths.min()) < 0 or int(lengths.max()) > ids.shape[2]:
         raise ConfigError(f"rollout: continuation lengths must lie in [0, {ids.shape[2]}]")
     valid = torch.arange(ids.shape[2], device=device) < lengths[..., None]
