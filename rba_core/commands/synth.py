@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="share of rows in the held-out split (default: 0)")
     parser.add_argument("--heldout-voices", type=_voices, default=(), metavar="V1,V2",
                         help="voices only the held-out split uses: a voice (en-gb+f3), a base "
-                             "voice (en-gb-scotland) or a variant (+f3)")
+                             "voice (en-us-nyc) or a variant (+f3)")
     parser.add_argument("--target-language", default="French", metavar="LANG",
                         help="translation target for --task translate (default: French)")
     parser.add_argument("--teacher", metavar="DIR", default=None,

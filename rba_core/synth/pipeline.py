@@ -146,7 +146,7 @@ def row_id(task: str, seed: int, candidate: int) -> str:
 def split_voices(voices: list[str], heldout: tuple[str, ...] | list[str]
                  ) -> tuple[list[str], list[str]]:
     """(train voices, held-out voices). Without ``heldout`` both are every voice. A held-out
-    entry names a voice exactly, a base voice (``en-gb-scotland`` = all its variants) or a
+    entry names a voice exactly, a base voice (``en-us-nyc`` = all its variants) or a
     variant (``+f3`` = that variant of every base voice)."""
     if not heldout:
         return list(voices), list(voices)
