@@ -40,7 +40,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from rba_core.generation import generate
-    from rba_core.rollout import SamplingConfig
     from rba_core.synth import RolloutTeacher, make_backend, normalize_for_speech, postprocess
     from rba_core.synth.pipeline import GROUP_SIZE, stable_seed
     from rba_core.synth.teacher import magpie_prefix
@@ -99,7 +98,6 @@ def main() -> None:
     # (c) TTS
     texts = [normalize_for_speech(text) for text in instructions]
     espeak = make_backend("espeak")
-    voices = espeak.voices()
     folder = Path(tempfile.mkdtemp(prefix="bench-synth-"))
 
     def speak(backend, item):

@@ -34,7 +34,6 @@ from rba_core.synth import (
 )
 from rba_core.synth import dataset as dataset_module
 from rba_core.synth import tts as tts_module
-from rba_core.synth.pipeline import GROUP_SIZE
 from rba_core.synth.teacher import Generation
 
 VOCAB = [f"{a}{b}" for a in ("red", "blue", "green", "gold", "grey", "pink", "teal", "jade")
@@ -452,7 +451,6 @@ def test_cli_runs_and_reports(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(teacher_module.RolloutTeacher, "load",
                         classmethod(lambda cls, *a, **k: ScriptedTeacher(5, "qa")))
-    monkeypatch.setattr(tts_module, "make_backend", lambda *a, **k: ToneTTS())
     import rba_core.synth.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: ToneTTS())
@@ -470,3 +468,15 @@ def test_cli_runs_and_reports(tmp_path, monkeypatch, capsys):
     assert args.handler(args) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] == 0 and report["filters"]["too_short"] > 0
+
+
+def test_per_row_draws_are_unrelated_across_tasks():
+    from rba_core.synth.pipeline import draw_rng
+
+    a = np.array([draw_rng(0, "instruct", k, "voice").random() for k in range(500)])
+    b = np.array([draw_rng(0, "qa", k, "voice").random() for k in range(500)])
+    again = np.array([draw_rng(0, "instruct", k, "voice").random() for k in range(500)])
+    assert np.array_equal(a, again)
+    # 500 pairs of independent uniforms: |r| > 0.15 has probability below 1e-3.
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.15
+    assert abs(a.mean() - 0.5) < 0.05 and np.mean(np.abs(a - b) < 0.001) < 0.01

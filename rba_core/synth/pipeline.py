@@ -30,7 +30,14 @@ from rba_core.synth.text import (
     unspeakable_reason,
     words_of,
 )
-from rba_core.synth.tts import SAMPLE_RATE, SynthesisFailed, TTSBackend, Voice, make_backend, postprocess
+from rba_core.synth.tts import (
+    SAMPLE_RATE,
+    SynthesisFailed,
+    TTSBackend,
+    Voice,
+    make_backend,
+    postprocess,
+)
 
 log = logging.getLogger("rba.synth")
 
@@ -137,6 +144,12 @@ def stable_seed(*parts: object) -> int:
     """A 62-bit seed from ``parts``, the same in every process (unlike ``hash``)."""
     digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def draw_rng(*parts: object) -> random.Random:
+    """A ``random.Random`` for one draw named by ``parts``. Seeded with a string, which Python
+    hashes with SHA-512: unrelated parts give unrelated streams in every process."""
+    return random.Random("rba-synth:" + repr(parts))
 
 
 def row_id(task: str, seed: int, candidate: int) -> str:
@@ -329,8 +342,7 @@ def _instructions(config: SynthConfig, task: TaskRecipe, teacher: TeacherLike,
     for group in groups:
         opener = ""
         if task.openers:
-            opener = random.Random(stable_seed(config.seed, config.task, group, "opener")
-                                   ).choice(task.openers)
+            opener = draw_rng(config.seed, config.task, group, "opener").choice(task.openers)
         requests.append((opener, stable_seed(config.seed, config.task, group, "magpie")))
     samples = teacher.user_turns(requests, GROUP_SIZE,
                                  max_new_tokens=config.max_instruction_tokens,
@@ -381,9 +393,9 @@ def _responses(config: SynthConfig, teacher: TeacherLike, prompt: str,
 def _voices(config: SynthConfig, backend: TTSBackend, pending: list[_Pending],
             train_voices: list[str], heldout_voices: list[str]) -> None:
     for item in pending:
-        split_rng = random.Random(stable_seed(config.seed, config.task, item.candidate, "split"))
+        split_rng = draw_rng(config.seed, config.task, item.candidate, "split")
         item.split = "heldout" if split_rng.random() < config.heldout_fraction else "train"
-        voice_rng = random.Random(stable_seed(config.seed, config.task, item.candidate, "voice"))
+        voice_rng = draw_rng(config.seed, config.task, item.candidate, "voice")
         item.voice = backend.draw(voice_rng,
                                   heldout_voices if item.split == "heldout" else train_voices)
 
