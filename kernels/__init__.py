@@ -22,6 +22,7 @@ _PUBLIC = {
     "AudioAdapterConfig": "rba_core.kernels.audio_adapter",
     "fused_audio_adapter": "rba_core.kernels.audio_adapter",
     "TokenScores": "rba_core.kernels.linear_logprobs",
+    "cascade_attention": "rba_core.kernels.cascade_attention",
     "PolicyLossStats": "rba_core.kernels.policy_loss",
 }
 
