@@ -29,5 +29,5 @@ test: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: install
-	$(PIP) install --quiet '.[bench]' --no-build-isolation
+	$(PIP) install --quiet --no-build-isolation -e '.[test,bench]'
 	$(PYTHON) bench/kernels.py
