@@ -33,7 +33,7 @@ namespace {
 
 // Bumped whenever an op's signature or meaning changes, so kernels/native.py can refuse a stale
 // prebuilt module and rebuild from source instead.
-constexpr int64_t kAbiVersion = 1;
+constexpr int64_t kAbiVersion = 2;
 
 std::atomic<int64_t> g_rows_chunk{256};
 std::atomic<int64_t> g_vocab_block{4096};
@@ -603,6 +603,181 @@ std::tuple<at::Tensor, OptTensor> distill_backward(
   return {grad_h.to(s_hidden.scalar_type()), out_w};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Gradient-in-forward ops for scalar losses (policy loss; distillation with reduction mean/sum).
+//
+// When the caller's output is one scalar, the gradient with respect to every logit is known as
+// soon as a row's log-sum-exp is, so the forward computes it right away, chunk by chunk over
+// rows: one [rows, V] logits tile, its softmax statistics, dz in place, then
+// grad_hidden[chunk] = dz @ W and grad_weight += dz^T @ h[chunk]. That is eager PyTorch's GEMM
+// count (one logits GEMM, two gradient GEMMs) instead of the recompute backward's extra logits
+// GEMM. These ops run outside any parallel region, so at::mm and the element-wise ATen ops use
+// all intra-op threads; the caller picks the chunk so that a few tiles fit its memory budget.
+namespace {
+
+// [rows, V] logits (h W^T + b) * scale in h32's dtype. Weights already in that dtype go through
+// one GEMM; 16-bit weights are converted one vocabulary block at a time (never a full copy).
+at::Tensor chunk_logits(const at::Tensor& h32, const at::Tensor& weight, const OptTensor& bias,
+                        double scale) {
+  const int64_t vocab = weight.size(0);
+  if (weight.scalar_type() == h32.scalar_type()) {
+    return logits_tile(h32, weight, bias, 0, vocab, scale).first;
+  }
+  at::Tensor z = at::empty({h32.size(0), vocab}, h32.options());
+  const int64_t vb = vocab_block();
+  for (int64_t v0 = 0; v0 < vocab; v0 += vb) {
+    const int64_t v1 = std::min(vocab, v0 + vb);
+    z.slice(1, v0, v1).copy_(logits_tile(h32, weight, bias, v0, v1, scale).first);
+  }
+  return z;
+}
+
+// In place, z becomes log softmax(z) row-wise; returns (lse [rows], entropy [rows] or undefined).
+std::pair<at::Tensor, at::Tensor> log_softmax_rows_(at::Tensor& z, bool with_entropy) {
+  at::Tensor m = z.amax(1, true);
+  z.sub_(m);
+  at::Tensor e = z.exp();
+  at::Tensor s = e.sum(1, true);
+  at::Tensor log_s = s.log();
+  at::Tensor entropy;
+  // Relative to the max, sum p (z - m) stays well scaled: entropy = log s - sum e (z - m) / s.
+  if (with_entropy) entropy = (log_s - e.mul_(z).sum(1, true).div_(s)).squeeze(1);
+  e.reset();
+  z.sub_(log_s);
+  return {(m + log_s).squeeze(1), entropy};
+}
+
+// grad_h_c = dz @ W (overwritten), grad_w += dz^T @ h32, grad_b += sum_rows dz (those defined).
+void chunk_grad_gemms(const at::Tensor& dz, const at::Tensor& h32, const at::Tensor& weight,
+                      at::Tensor grad_h_c, const at::Tensor& grad_w, const at::Tensor& grad_b) {
+  const int64_t vocab = weight.size(0);
+  if (weight.scalar_type() == dz.scalar_type()) {
+    at::mm_out(grad_h_c, dz, weight);
+    if (grad_w.defined()) grad_w.addmm_(dz.t(), h32);
+  } else {
+    grad_h_c.zero_();
+    const int64_t vb = vocab_block();
+    for (int64_t v0 = 0; v0 < vocab; v0 += vb) {
+      const int64_t v1 = std::min(vocab, v0 + vb);
+      at::Tensor dzb = dz.slice(1, v0, v1);
+      grad_h_c.addmm_(dzb, as_acc(weight.slice(0, v0, v1), dz.scalar_type()));
+      if (grad_w.defined()) grad_w.slice(0, v0, v1).addmm_(dzb.t(), h32);
+    }
+  }
+  if (grad_b.defined()) grad_b.add_(dz.sum(0));
+}
+
+void check_acc_matrix(const at::Tensor& t, int64_t rows, int64_t cols, at::ScalarType acc,
+                      const char* op, const char* name) {
+  check_cpu_contiguous(t, op, name);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name,
+                    " must have shape [", rows, ", ", cols, "], got ", shape_of(t));
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ",
+                   t.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor> token_scores_chunk_forward(
+    const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
+    const at::Tensor& ids, double scale, bool with_entropy) {
+  const char* op = "token_scores_chunk_forward";
+  check_token_inputs(hidden, weight, bias, ids, scale, op);
+  at::NoGradGuard no_grad;
+  at::Tensor z = chunk_logits(as_acc(hidden, acc_type(hidden)), weight, bias, scale);
+  auto stats = log_softmax_rows_(z, with_entropy);
+  at::Tensor logp = z.gather(1, ids.unsqueeze(1)).squeeze(1);
+  return {logp, stats.first, with_entropy ? OptTensor(stats.second) : OptTensor(), z};
+}
+
+void token_scores_chunk_backward(const at::Tensor& logp_tile, const at::Tensor& hidden,
+                                 const at::Tensor& weight, const OptTensor& bias,
+                                 const at::Tensor& ids, double scale,
+                                 const at::Tensor& grad_logp, const at::Tensor& grad_hidden,
+                                 const OptTensor& grad_weight, const OptTensor& grad_bias) {
+  const char* op = "token_scores_chunk_backward";
+  check_token_inputs(hidden, weight, bias, ids, scale, op);
+  const int64_t n = hidden.size(0), d = hidden.size(1), vocab = weight.size(0);
+  const at::ScalarType acc = acc_type(hidden);
+  check_acc_matrix(logp_tile, n, vocab, acc, op, "logp_tile");
+  check_acc_matrix(grad_hidden, n, d, acc, op, "grad_hidden");
+  check_row_vector(grad_logp, n, acc, op, "grad_logp");
+  if (grad_weight.has_value()) check_acc_matrix(*grad_weight, vocab, d, acc, op, "grad_weight");
+  if (grad_bias.has_value()) check_row_vector(*grad_bias, vocab, acc, op, "grad_bias");
+  at::NoGradGuard no_grad;
+  at::Tensor gl = grad_logp.unsqueeze(1);
+  // d/dz of sum_r g_r log p_r[id_r] is g_r (1[v = id_r] - p_v), built in the tile's storage.
+  at::Tensor dz = logp_tile;
+  dz.exp_().mul_(gl.neg());
+  dz.scatter_add_(1, ids.unsqueeze(1), gl);
+  if (scale != 1.0) dz.mul_(scale);
+  chunk_grad_gemms(dz, as_acc(hidden, acc), weight, grad_hidden,
+                   grad_weight.has_value() ? *grad_weight : at::Tensor(),
+                   grad_bias.has_value() ? *grad_bias : at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, OptTensor> distill_fused(
+    const at::Tensor& s_hidden, const at::Tensor& s_weight, const at::Tensor& t_hidden,
+    const at::Tensor& t_weight, double temperature, const std::string& kind_name,
+    double jsd_beta, double grad_scale, int64_t rows_per_chunk, bool need_weight_grad) {
+  const char* op = "distill_fused";
+  const Kind kind = parse_kind(kind_name, op);
+  check_distill_inputs(s_hidden, s_weight, t_hidden, t_weight, temperature, kind, jsd_beta, op);
+  TORCH_CHECK_VALUE(rows_per_chunk > 0, op, ": rows_per_chunk must be positive, got ",
+                    rows_per_chunk);
+  TORCH_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ",
+                    grad_scale);
+  at::NoGradGuard no_grad;
+  const int64_t n = s_hidden.size(0), ds = s_hidden.size(1), vocab = s_weight.size(0);
+  const double inv_t = 1.0 / temperature;
+  const at::ScalarType acc = acc_type(s_hidden);
+  const auto acc_opts = s_hidden.options().dtype(acc);
+  at::Tensor loss = at::empty({n}, acc_opts), s_lse = at::empty({n}, acc_opts),
+             t_lse = at::empty({n}, acc_opts);
+  at::Tensor grad_h = at::empty({n, ds}, acc_opts);
+  at::Tensor grad_w = need_weight_grad ? at::zeros({vocab, ds}, acc_opts) : at::Tensor();
+  for (int64_t r0 = 0; r0 < n; r0 += rows_per_chunk) {
+    const int64_t r1 = std::min(n, r0 + rows_per_chunk);
+    at::Tensor hs32 = as_acc(s_hidden.slice(0, r0, r1), acc);
+    at::Tensor lps = chunk_logits(hs32, s_weight, c10::nullopt, inv_t);
+    s_lse.slice(0, r0, r1).copy_(log_softmax_rows_(lps, false).first);
+    at::Tensor lpt = chunk_logits(as_acc(t_hidden.slice(0, r0, r1), acc), t_weight,
+                                  c10::nullopt, inv_t);
+    t_lse.slice(0, r0, r1).copy_(log_softmax_rows_(lpt, false).first);
+    // dL/dz_s = p_s * (g - c) / T with g = dL/dlog p_s and c = sum_v p_s g (softmax Jacobian).
+    at::Tensor loss_c, dz;
+    if (kind == Kind::ForwardKl) {
+      at::Tensor pt = lpt.exp();
+      loss_c = lpt.sub_(lps).mul_(pt).sum(1);
+      dz = lps.exp_().sub_(pt);
+    } else if (kind == Kind::ReverseKl) {
+      at::Tensor ps = lps.exp();
+      at::Tensor g = lps.sub_(lpt);
+      loss_c = at::mul(ps, g).sum(1);
+      dz = g.sub_(loss_c.unsqueeze(1)).mul_(ps);
+    } else {
+      at::Tensor lm = log_mixture(lps, lpt, jsd_beta);
+      at::Tensor ps = lps.exp();
+      at::Tensor pt = lpt.exp();
+      at::Tensor teacher_part = pt.mul_(lpt.sub_(lm)).sum(1).mul_(jsd_beta);
+      pt.reset();
+      lpt.reset();
+      at::Tensor d_s = lps.sub_(lm);
+      lm.reset();
+      at::Tensor c = at::mul(ps, d_s).sum(1).mul_(1.0 - jsd_beta);
+      loss_c = teacher_part.add_(c);
+      dz = d_s.mul_(1.0 - jsd_beta).sub_(c.unsqueeze(1)).mul_(ps);
+    }
+    dz.mul_(grad_scale * inv_t);
+    chunk_grad_gemms(dz, hs32, s_weight, grad_h.slice(0, r0, r1), grad_w, at::Tensor());
+    // Rounding can leave a divergence of identical distributions a hair below zero.
+    loss.slice(0, r0, r1).copy_(loss_c.clamp_min_(0.0));
+  }
+  OptTensor out_w;
+  if (need_weight_grad) out_w = grad_w.to(s_weight.scalar_type());
+  return {loss, s_lse, t_lse, grad_h.to(s_hidden.scalar_type()), out_w};
+}
+
 void set_tile_sizes(int64_t rows, int64_t vocab) {
   TORCH_CHECK_VALUE(rows > 0 && vocab > 0,
                     "set_tile_sizes: rows and vocab must be positive, got ", rows, " and ",
@@ -634,6 +809,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("s_weight"), py::arg("t_hidden"), py::arg("t_weight"), py::arg("temperature"),
         py::arg("kind"), py::arg("jsd_beta"), py::arg("s_lse"), py::arg("t_lse"),
         py::arg("grad_rows"), py::arg("need_weight_grad"));
+  m.def("token_scores_chunk_forward", &token_scores_chunk_forward, release(), py::arg("hidden"),
+        py::arg("weight"), py::arg("bias"), py::arg("ids"), py::arg("scale"),
+        py::arg("with_entropy"));
+  m.def("token_scores_chunk_backward", &token_scores_chunk_backward, release(),
+        py::arg("logp_tile"), py::arg("hidden"), py::arg("weight"), py::arg("bias"),
+        py::arg("ids"), py::arg("scale"), py::arg("grad_logp"), py::arg("grad_hidden"),
+        py::arg("grad_weight"), py::arg("grad_bias"));
+  m.def("distill_fused", &distill_fused, release(), py::arg("s_hidden"), py::arg("s_weight"),
+        py::arg("t_hidden"), py::arg("t_weight"), py::arg("temperature"), py::arg("kind"),
+        py::arg("jsd_beta"), py::arg("grad_scale"), py::arg("rows_per_chunk"),
+        py::arg("need_weight_grad"));
   m.def("set_tile_sizes", &set_tile_sizes, py::arg("rows"), py::arg("vocab"),
         "Rows per chunk and vocabulary entries per block of the logits tile (process-wide).");
   m.def("get_tile_sizes", &get_tile_sizes);

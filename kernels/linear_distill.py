@@ -9,6 +9,11 @@
 
 The teacher is a constant: its tensors are detached, so a teacher whose parameters still have
 requires_grad=True gets no gradient and keeps no graph alive.
+
+On the native CPU backend with reduction "mean" or "sum", when a gradient is needed, the loss is
+a scalar, so the C++ op computes the student's gradients in the forward pass itself, one chunk
+of rows at a time (_DistillFusedLoss): eager PyTorch's GEMM count, no recompute. The autograd
+backward only scales the stored gradients.
 """
 from __future__ import annotations
 
@@ -137,6 +142,48 @@ class _DistillRows(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None
 
 
+class _DistillFusedLoss(torch.autograd.Function):
+    """grad_scale * sum(loss_rows) with the gradients computed in the forward (native CPU op).
+
+    The stored gradients are handed over, scaled by grad_loss, on the first backward; a later
+    backward through a retained graph recomputes them from the saved log-sum-exps.
+    """
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, backend, temperature, kind,
+                jsd_beta, grad_scale):
+        loss_rows, s_lse, t_lse, grad_h, grad_w = backend.distill_fused(
+            s_hidden, s_weight, t_hidden, t_weight, temperature, kind, jsd_beta, grad_scale,
+            ctx.needs_input_grad[1])
+        ctx.save_for_backward(s_hidden, s_weight, t_hidden, t_weight, s_lse, t_lse)
+        ctx.stored = (grad_h, grad_w)
+        ctx.backend, ctx.temperature, ctx.kind, ctx.jsd_beta = backend, temperature, kind, jsd_beta
+        ctx.grad_scale = grad_scale
+        return loss_rows.to(torch.float32).sum() * grad_scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # Handing the stored tensors over (not copies) keeps peak memory at the gradients'
+        # size; so they serve one backward only.
+        stored, ctx.stored = ctx.stored, None
+        if stored is not None:
+            grad_h, grad_w = stored
+            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+                grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
+                grad_w = None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype))
+        else:
+            s_hidden, s_weight, t_hidden, t_weight, s_lse, t_lse = ctx.saved_tensors
+            grad_rows = (grad_loss.to(torch.float32) * ctx.grad_scale).expand(s_lse.shape)
+            grad_h, grad_w = ctx.backend.distill_backward(
+                s_hidden, s_weight, t_hidden, t_weight, ctx.temperature, ctx.kind,
+                ctx.jsd_beta, s_lse, t_lse, grad_rows.contiguous(), ctx.needs_input_grad[1])
+        if not ctx.needs_input_grad[0]:
+            grad_h = None
+        if not ctx.needs_input_grad[1]:
+            grad_w = None
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
 def _rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     if keep is not None:
@@ -178,6 +225,15 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     if s_rows.shape[0] == 0:
         # Nothing counts: the PyTorch path returns the empty rows without launching anything.
         impl = _reference
+    fused = (reduction != "none" and hasattr(impl, "distill_fused") and torch.is_grad_enabled()
+             and (s_rows.requires_grad or student_weight.requires_grad))
+    if fused:
+        grad_scale = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
+        if reduction == "mean":
+            grad_scale /= s_rows.shape[0]
+        return _DistillFusedLoss.apply(s_rows, student_weight.contiguous(), t_rows,
+                                       teacher_weight.detach().contiguous(), impl,
+                                       float(temperature), kind, float(jsd_beta), grad_scale)
     loss_rows = _DistillRows.apply(s_rows, student_weight.contiguous(), t_rows,
                                    teacher_weight.detach().contiguous(), impl,
                                    float(temperature), kind, float(jsd_beta))

@@ -34,11 +34,21 @@ __all__ = [
     "token_scores_backward",
     "distill_forward",
     "distill_backward",
+    "fused_tile",
+    "fused_rows",
+    "token_scores_chunk_forward",
+    "token_scores_chunk_backward",
+    "distill_fused",
 ]
 
 # Must equal kAbiVersion in csrc/fused_linear_cpu.cpp; a prebuilt module from older sources is
 # rebuilt just in time instead of being called with the wrong contract.
-ABI_VERSION = 1
+ABI_VERSION = 2
+
+# Elements of one [rows, V] logits tile in the gradient-in-forward ops (2**22 fp32 = 16 MiB): at
+# most a few such tiles live at once, a small fraction of eager PyTorch's [N, V] logits and
+# their gradient, while rows = 2**22 // V (85 at V = 49152) keep the GEMMs efficient.
+_FUSED_TILE_ELEMENTS = [1 << 22]
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "module": None, "source": None, "reason": None}
@@ -238,4 +248,75 @@ def distill_backward(
     return _ops().distill_backward(
         s_hidden, s_weight, t_hidden, t_weight, float(temperature), str(kind), float(jsd_beta),
         s_lse, t_lse, grad_rows, bool(need_weight_grad),
+    )
+
+
+@contextlib.contextmanager
+def fused_tile(elements: int) -> Iterator[None]:
+    """Temporarily set the logits tile of the gradient-in-forward ops to `elements` entries
+    (process-wide; default 2**22); the row chunk is then max(1, elements // V)."""
+    if int(elements) <= 0:
+        raise ValueError(f"fused_tile: elements must be positive, got {elements}")
+    old = _FUSED_TILE_ELEMENTS[0]
+    _FUSED_TILE_ELEMENTS[0] = int(elements)
+    try:
+        yield
+    finally:
+        _FUSED_TILE_ELEMENTS[0] = old
+
+
+def fused_rows(vocab: int) -> int:
+    """Rows per chunk of the gradient-in-forward ops for a vocabulary of `vocab` entries."""
+    return max(1, _FUSED_TILE_ELEMENTS[0] // max(int(vocab), 1))
+
+
+def token_scores_chunk_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    scale: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(logp, lse, entropy or None, logp_tile [rows, V]) of a row chunk, in the accumulation
+    dtype; logp_tile holds the full-vocabulary log-probs for token_scores_chunk_backward."""
+    return _ops().token_scores_chunk_forward(hidden, weight, bias, ids, float(scale),
+                                             bool(with_entropy))
+
+
+def token_scores_chunk_backward(
+    logp_tile: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    scale: float,
+    grad_logp: torch.Tensor,
+    grad_hidden: torch.Tensor,
+    grad_weight: Optional[torch.Tensor],
+    grad_bias: Optional[torch.Tensor],
+) -> None:
+    """Gradient of sum_r grad_logp[r] * logp[r] for one row chunk, from its logp_tile (which it
+    overwrites): writes grad_hidden [rows, D] and adds into grad_weight [V, D] and grad_bias [V]
+    when given (all in the accumulation dtype)."""
+    _ops().token_scores_chunk_backward(logp_tile, hidden, weight, bias, ids, float(scale),
+                                       grad_logp, grad_hidden, grad_weight, grad_bias)
+
+
+def distill_fused(
+    s_hidden: torch.Tensor,
+    s_weight: torch.Tensor,
+    t_hidden: torch.Tensor,
+    t_weight: torch.Tensor,
+    temperature: float,
+    kind: str,
+    jsd_beta: float,
+    grad_scale: float,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(loss_rows, s_lse, t_lse, grad_s_hidden, grad_s_weight or None) of the scalar loss
+    grad_scale * sum(loss_rows), gradients computed in the same pass over row chunks."""
+    return _ops().distill_fused(
+        s_hidden, s_weight, t_hidden, t_weight, float(temperature), str(kind), float(jsd_beta),
+        float(grad_scale), fused_rows(s_weight.shape[0]), bool(need_weight_grad),
     )

@@ -9,6 +9,13 @@
 The log-probs come from fused_linear_logprobs (no [N, V] logits, forward or backward); the
 per-token clipped objective, KL and their derivative are one fused Triton elementwise kernel on
 CUDA and plain PyTorch on the CPU.
+
+On the native CPU backend, when a gradient is needed, the loss is a scalar, so its gradient is
+computed in the forward itself, one chunk of rows at a time (_FusedPolicyLossFn): the C++ op
+gives the chunk's log-probs and keeps its [rows, V] log-prob tile, the PyTorch PPO/KL terms
+below give d loss / d logp, and a second C++ op turns the tile into dz and runs the two gradient
+GEMMs. That is eager PyTorch's GEMM count (the recompute backward needs one more); the autograd
+backward only scales the stored gradients.
 """
 from __future__ import annotations
 
@@ -18,10 +25,10 @@ import torch
 
 from . import policy_loss_reference
 from ._checks import (
-    check_choice, check_hidden_weight, check_mask, check_non_negative, check_per_token,
-    check_tensor,
+    check_bias, check_choice, check_hidden_weight, check_ids, check_mask, check_non_negative,
+    check_per_token, check_positive, check_tensor,
 )
-from .linear_logprobs import BACKENDS, fused_linear_logprobs
+from .linear_logprobs import BACKENDS, fused_linear_logprobs, resolve_backend
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
@@ -60,6 +67,128 @@ class _PolicyTokenLossFn(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         (grad_t,) = ctx.saved_tensors
         return (grad_loss * grad_t).to(ctx.logp_dtype), None, None, None, None, None, None, None
+
+
+class _FusedPolicyLossFn(torch.autograd.Function):
+    """Loss, log-probs and gradients in one pass over row chunks (native CPU backend).
+
+    Outputs (loss, logp, entropy or None, ratio, kl or None, clipped) on compacted rows. The
+    gradients of the loss are stored in the forward and handed over (scaled by grad_loss) on the
+    first backward. Gradients through logp or entropy themselves (an entropy bonus), and any
+    later backward through a retained graph, use the recompute backward from the saved lse.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, old, ref, adv, weights, scale, with_entropy,
+                options, module):
+        n, width = hidden.shape
+        vocab = weight.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        grad_h = hidden.new_empty((n, width), dtype=acc)
+        grad_w = (hidden.new_zeros((vocab, width), dtype=acc)
+                  if ctx.needs_input_grad[1] else None)
+        grad_b = (hidden.new_zeros(vocab, dtype=acc)
+                  if bias is not None and ctx.needs_input_grad[2] else None)
+        logp = hidden.new_empty(n, dtype=acc)
+        lse = hidden.new_empty(n, dtype=acc)
+        entropy = hidden.new_empty(n, dtype=acc) if with_entropy else None
+        grad_t = hidden.new_empty(n, dtype=acc)
+        ratio = hidden.new_empty(n, dtype=acc)
+        kl = None if ref is None else hidden.new_empty(n, dtype=acc)
+        clipped = hidden.new_empty(n, dtype=torch.bool)
+        valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
+        loss = hidden.new_zeros((), dtype=acc)
+        rows = module.fused_rows(vocab)
+        for r0 in range(0, n, rows):
+            part = slice(r0, min(n, r0 + rows))
+            h, i = hidden[part], ids[part]
+            lp, ls, ent, tile = module.token_scores_chunk_forward(h, weight, bias, i, scale,
+                                                                  with_entropy)
+            loss_t, g, r, k, c = policy_loss_reference.policy_token_terms(
+                lp, old[part], None if ref is None else ref[part], adv[part], weights[part],
+                valid[part], **options)
+            g = g.to(acc).contiguous()
+            module.token_scores_chunk_backward(tile, h, weight, bias, i, scale, g, grad_h[part],
+                                               grad_w, grad_b)
+            del tile
+            loss += loss_t.sum()
+            logp[part], lse[part], grad_t[part], ratio[part], clipped[part] = lp, ls, g, r, c
+            if with_entropy:
+                entropy[part] = ent
+            if kl is not None:
+                kl[part] = k
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy, grad_t)
+        ctx.stored = (grad_h, grad_w, grad_b)
+        ctx.scale, ctx.module = scale, module
+        ctx.set_materialize_grads(False)
+        outputs = (ratio, clipped) if kl is None else (ratio, clipped, kl)
+        ctx.mark_non_differentiable(*outputs)
+        return loss, logp, entropy, ratio, kl, clipped
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logp, grad_entropy, *unused):
+        hidden, weight, bias, ids, lse, entropy, grad_t = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        # Handing the stored tensors over (not copies) keeps peak memory at the gradients'
+        # size; so they serve one backward only.
+        stored, ctx.stored = ctx.stored, None
+        grads = [None, None, None]
+        if stored is not None and grad_loss is not None:
+            grads = list(stored)
+            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+                for g in grads:
+                    if g is not None:
+                        g.mul_(grad_loss)
+        elif grad_loss is not None:
+            term = grad_t * grad_loss
+            grad_logp = term if grad_logp is None else grad_logp + term
+        if grad_logp is not None or grad_entropy is not None:
+            if grad_logp is None:
+                grad_logp = torch.zeros_like(lse)
+            extra = ctx.module.token_scores_backward(
+                hidden, weight, bias, ids, ctx.scale, lse, entropy,
+                grad_logp.to(lse.dtype).contiguous(),
+                None if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous(),
+                need[1])
+            grads = [e if g is None else (g if e is None else g.add_(e.to(g.dtype)))
+                     for g, e in zip(grads, extra)]
+        out = [None if g is None or not want else g.to(t.dtype)
+               for g, want, t in zip(grads, need, (hidden, weight, bias))]
+        return (*out, None, None, None, None, None, None, None, None, None)
+
+
+def _fused_native_policy_loss(hidden, weight, bias, ids, advantages, old_logprobs, ref_logprobs,
+                              mask, valid, weights, scale, return_entropy, options, module,
+                              lead) -> tuple[torch.Tensor, PolicyLossStats]:
+    """The native CPU training path: compacts the valid rows and runs _FusedPolicyLossFn."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    per_token = [None if t is None else t.reshape(-1)
+                 for t in (ids, old_logprobs, ref_logprobs, advantages, weights)]
+    rows = None
+    if mask is not None:
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        flat_hidden = flat_hidden.index_select(0, rows)
+        per_token = [None if t is None else t.index_select(0, rows) for t in per_token]
+    flat_ids, old, ref, adv, w = per_token
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    old, adv, w = (t.to(acc).contiguous() for t in (old, adv, w))
+    ref = None if ref is None else ref.to(acc).contiguous()
+    loss, logp, entropy, ratio, kl, clipped = _FusedPolicyLossFn.apply(
+        flat_hidden.contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), flat_ids.to(torch.int64).contiguous(),
+        old, ref, adv, w, scale, return_entropy, options, module)
+
+    def expand(values: torch.Tensor | None, fill) -> torch.Tensor | None:
+        if values is None:
+            return None
+        if rows is not None:
+            full = torch.full((valid.numel(),), fill, dtype=values.dtype, device=values.device)
+            values = full.index_copy(0, rows, values)
+        return values.reshape(lead)
+
+    stats = PolicyLossStats(logprobs=expand(logp, 0), ratio=expand(ratio, 1), kl=expand(kl, 0),
+                            clipped=expand(clipped, False), entropy=expand(entropy, 0))
+    return loss, stats
 
 
 def _token_weights(valid: torch.Tensor, loss_type: str, batched: bool,
@@ -163,11 +292,26 @@ def fused_linear_policy_loss(
     if valid is None:
         valid = torch.ones(lead, dtype=torch.bool, device=device)
 
+    weights = _token_weights(valid, loss_type, batched, sequence_ids, max_length)
+    options = {"beta": beta, "kl_estimator": kl_estimator,
+               "clip_eps_low": float(clip_eps_low), "clip_eps_high": float(clip_eps_high)}
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad and not hidden.is_cuda and backend in ("auto", "native"):
+        module = resolve_backend(backend, hidden)
+        if hasattr(module, "token_scores_chunk_forward"):
+            bias = check_bias(bias, weight)
+            ids = check_ids(ids, lead, weight.shape[0], valid if mask is not None else None,
+                            device)
+            scale = 1.0 / check_positive("temperature", temperature)
+            return _fused_native_policy_loss(hidden, weight, bias, ids, advantages, old_logprobs,
+                                             ref_logprobs, mask, valid, weights, scale,
+                                             return_entropy, options, module, lead)
+
     scores = fused_linear_logprobs(hidden, weight, ids, bias=bias, mask=mask,
                                    temperature=temperature, return_entropy=return_entropy,
                                    backend=backend)
     logp = scores.logprobs if return_entropy else scores
-    weights = _token_weights(valid, loss_type, batched, sequence_ids, max_length)
 
     use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda
                                          and hidden.dtype != torch.float64)
@@ -176,8 +320,6 @@ def fused_linear_policy_loss(
         terms_fn = policy_loss_triton.policy_token_terms
     else:
         terms_fn = policy_loss_reference.policy_token_terms
-    options = {"beta": beta, "kl_estimator": kl_estimator,
-               "clip_eps_low": float(clip_eps_low), "clip_eps_high": float(clip_eps_high)}
     flat = [None if t is None else t.reshape(-1)
             for t in (logp, old_logprobs, ref_logprobs, advantages, weights, valid)]
     loss, ratio, kl, clipped = _PolicyTokenLossFn.apply(*flat, options, terms_fn)

@@ -298,3 +298,79 @@ def test_bad_inputs_raise_clear_errors(case):
     _, tensors, options, error, pattern = case
     with pytest.raises(error, match=pattern):
         fused_linear_distill_loss(**tensors, **options)
+
+
+def _fused_oracle(sh, sw, th, tw, mask, kind, beta, temperature, reduction, t2, grad_output):
+    """Loss and student grads of grad_output * reduced loss, float64 autograd via the reference."""
+    s64, w64 = sh.double().requires_grad_(True), sw.double().requires_grad_(True)
+    keep = mask.reshape(-1)
+    rows, _, _ = ref.distill_forward(s64.reshape(-1, sh.shape[-1])[keep], w64,
+                                     th.double().reshape(-1, th.shape[-1])[keep], tw.double(),
+                                     temperature, kind, beta)
+    loss = rows.sum() * (temperature ** 2 if t2 else 1.0)
+    if reduction == "mean":
+        loss = loss / max(int(keep.sum()), 1)
+    (grad_output * loss).backward()
+    return loss.detach(), s64.grad, w64.grad
+
+
+@pytest.mark.parametrize("reduction,t2", [("mean", True), ("sum", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind,beta", KINDS, ids=KIND_IDS)
+def test_native_fused_scalar_loss_matches_oracle(kind, beta, dtype, reduction, t2):
+    """reduction mean/sum on the native op computes the gradients in the forward; 5-row chunks
+    over 23 counted tokens (ragged last chunk), grad_output 1.7, masked [B, T] input."""
+    sh, sw, th, tw = _inputs(dtype, n=3 * 11)
+    sh, th = sh.reshape(3, 11, DS), th.reshape(3, 11, DT)
+    mask = torch.arange(11)[None, :] < torch.tensor([11, 4, 8])[:, None]
+    s_leaf, w_leaf = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
+    with native.fused_tile(5 * V):
+        loss = fused_linear_distill_loss(s_leaf, w_leaf, th, tw, mask, kind=kind, jsd_beta=beta,
+                                         temperature=1.3, reduction=reduction,
+                                         scale_by_temperature_squared=t2, backend="native")
+    (1.7 * loss).backward()
+    want, grad_h, grad_w = _fused_oracle(sh, sw, th, tw, mask, kind, beta, 1.3, reduction, t2,
+                                         1.7)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    _close(loss.reshape(1), want.reshape(1), dtype, "loss")
+    assert s_leaf.grad.dtype == dtype and w_leaf.grad.dtype == dtype
+    _close(s_leaf.grad, grad_h, dtype, "grad_hidden")
+    assert torch.all(s_leaf.grad[~mask] == 0)
+    _close(w_leaf.grad, grad_w, dtype, "grad_weight")
+
+
+def test_native_fused_loss_skips_the_recompute_backward(monkeypatch):
+    def recompute(*args, **kwargs):
+        raise AssertionError("the recompute backward ran for a scalar loss")
+
+    monkeypatch.setattr(native, "distill_backward", recompute)
+    sh, sw, th, tw = _inputs(torch.float32, n=12)
+    sh.requires_grad_(True)
+    fused_linear_distill_loss(sh, sw, th, tw, kind="jsd", backend="native").backward()
+    assert sh.grad is not None and sh.grad.abs().max() > 0
+
+
+def test_native_fused_loss_used_twice_retained_graph_and_frozen_weight():
+    sh, sw, th, tw = _inputs(torch.float32, n=2 * 9)
+    sh, th = sh.reshape(2, 9, DS), th.reshape(2, 9, DT)
+    mask = torch.rand(2, 9) > 0.3
+    mask[0, 0] = True
+    s_leaf, w_leaf = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
+    kwargs = dict(kind="reverse_kl", temperature=0.7, backend="native")
+    with native.fused_tile(4 * V):
+        loss = fused_linear_distill_loss(s_leaf, w_leaf, th, tw, mask, **kwargs)
+    _, grad_h, grad_w = _fused_oracle(sh, sw, th, tw, mask, "reverse_kl", 0.5, 0.7, "mean",
+                                      False, 1.0)
+    # One node, grad_output 3 (the loss enters twice); then a second backward through the
+    # retained graph, which recomputes because the stored gradients were handed over.
+    (loss + 2 * loss).backward(retain_graph=True)
+    _close(s_leaf.grad, 3 * grad_h, torch.float32, "grad_hidden")
+    _close(w_leaf.grad, 3 * grad_w, torch.float32, "grad_weight")
+    (0.5 * loss).backward()
+    _close(s_leaf.grad, 3.5 * grad_h, torch.float32, "grad_hidden (again)")
+    _close(w_leaf.grad, 3.5 * grad_w, torch.float32, "grad_weight (again)")
+    frozen_leaf = sh.clone().requires_grad_(True)
+    frozen_w = sw.clone()
+    fused_linear_distill_loss(frozen_leaf, frozen_w, th, tw, mask, **kwargs).backward()
+    assert frozen_w.grad is None
+    _close(frozen_leaf.grad, grad_h, torch.float32, "grad_hidden (frozen weight)")

@@ -1,12 +1,14 @@
 """fused_linear_policy_loss against an independent float64 implementation (autograd through
-log_softmax), on the Triton path (interpreter) and the PyTorch path."""
+log_softmax), on the Triton path (interpreter), the native C++ path (gradients computed in the
+forward, chunk by chunk) and the PyTorch path."""
+import contextlib
 import math
 
 import pytest
 import torch
 
 from rba_core.kernels import fused_linear_policy_loss
-from rba_core.kernels import policy_loss_reference, policy_loss_triton
+from rba_core.kernels import native, policy_loss_reference, policy_loss_triton
 
 B, T, D, V = 3, 11, 48, 203
 EPS_LOW, EPS_HIGH = 0.2, 0.28
@@ -76,15 +78,21 @@ def oracle(hidden, weight, ids, advantages, old, ref, mask, *, beta, kl_estimato
     return loss.detach(), grads, {k: None if v is None else v.detach() for k, v in stats.items()}
 
 
+def chunked(backend):
+    """On the native backend, 7-row chunks: the 22 valid tokens span 4 chunks, the last ragged."""
+    return native.fused_tile(7 * V) if backend == "native" else contextlib.nullcontext()
+
+
 def check_against_oracle(dtype, backend, loss_type, kl_estimator, beta=0.1, with_ref=True,
                          per_token_advantages=False, temperature=1.0):
     hidden, weight, ids, advantages, old, ref, mask = make_batch(dtype, with_ref)
     if per_token_advantages:
         advantages = advantages[:, None] + 0.3 * torch.randn(B, T)
-    loss, stats = fused_linear_policy_loss(
-        hidden, weight, ids, advantages, old, ref, mask, beta=beta, kl_estimator=kl_estimator,
-        clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH, loss_type=loss_type,
-        temperature=temperature, return_entropy=True, backend=backend)
+    with chunked(backend):
+        loss, stats = fused_linear_policy_loss(
+            hidden, weight, ids, advantages, old, ref, mask, beta=beta,
+            kl_estimator=kl_estimator, clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH,
+            loss_type=loss_type, temperature=temperature, return_entropy=True, backend=backend)
     want_loss, want_grads, want = oracle(hidden, weight, ids, advantages, old, ref, mask,
                                          beta=beta, kl_estimator=kl_estimator,
                                          loss_type=loss_type, temperature=temperature)
@@ -107,7 +115,7 @@ def check_against_oracle(dtype, backend, loss_type, kl_estimator, beta=0.1, with
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
 def test_loss_types_and_kl_estimators_match_float64(backend, kl_estimator, loss_type):
     stats = check_against_oracle(torch.float32, backend, loss_type, kl_estimator)
     low = stats.clipped & (stats.ratio < 1 - EPS_LOW)
@@ -115,13 +123,13 @@ def test_loss_types_and_kl_estimators_match_float64(backend, kl_estimator, loss_
     assert low.any() and high.any(), "both clipping sides must be exercised"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
 def test_bfloat16_per_token_advantages_and_temperature(backend):
     check_against_oracle(torch.bfloat16, backend, "grpo", "k3", per_token_advantages=True,
                          temperature=0.8)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
 def test_beta_zero_without_reference(backend):
     check_against_oracle(torch.float32, backend, "dapo", "k3", beta=0.0, with_ref=False)
 
@@ -165,6 +173,71 @@ def test_weight_gradient_only_when_weight_requires_grad():
                                        backend="triton")
     loss.backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_native_loss_gradient_comes_from_the_forward(monkeypatch):
+    """A plain loss.backward() on the native path must not run the recompute backward."""
+    hidden, weight, ids, advantages, old, ref, mask = make_batch(torch.float32)
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the recompute backward ran for a plain loss")
+
+    monkeypatch.setattr(native, "token_scores_backward", recompute)
+    with chunked("native"):
+        loss, _ = fused_linear_policy_loss(hidden, weight, ids, advantages, old, ref, mask,
+                                           beta=0.1, backend="native")
+    loss.backward()
+    _, want_grads, _ = oracle(hidden, weight, ids, advantages, old, ref, mask, beta=0.1,
+                              kl_estimator="k3", loss_type="grpo")
+    assert_close(hidden.grad, want_grads[0], TOL[torch.float32], "grad_hidden")
+    assert_close(weight.grad, want_grads[1], TOL[torch.float32], "grad_weight")
+
+
+def test_native_grad_output_loss_used_twice_and_retained_graph():
+    hidden, weight, ids, advantages, old, ref, mask = make_batch(torch.float32)
+    with chunked("native"):
+        loss, _ = fused_linear_policy_loss(hidden, weight, ids, advantages, old, ref, mask,
+                                           beta=0.1, kl_estimator="k2", loss_type="dapo",
+                                           backend="native")
+    _, want_grads, _ = oracle(hidden, weight, ids, advantages, old, ref, mask, beta=0.1,
+                              kl_estimator="k2", loss_type="dapo")
+    # The loss enters twice, so its node gets grad_output 2.5 + 1 once.
+    (2.5 * loss + loss).backward(retain_graph=True)
+    assert_close(hidden.grad, 3.5 * want_grads[0], TOL[torch.float32], "grad_hidden")
+    assert_close(weight.grad, 3.5 * want_grads[1], TOL[torch.float32], "grad_weight")
+    # A second backward through the retained graph recomputes (the stored grads are spent).
+    (-0.5 * loss).backward()
+    assert_close(hidden.grad, 3.0 * want_grads[0], TOL[torch.float32], "grad_hidden (again)")
+    assert_close(weight.grad, 3.0 * want_grads[1], TOL[torch.float32], "grad_weight (again)")
+
+
+@pytest.mark.parametrize("objective", ["loss+entropy+logprobs", "logprobs_only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_stats_on_the_graph_with_bias_match_float64(objective, dtype):
+    """An entropy bonus / log-prob term next to the loss (and a bias) on the native path,
+    against the same function run in float64 on the PyTorch path (the float64 oracle)."""
+    hidden, weight, ids, advantages, old, ref, mask = make_batch(dtype)
+    bias = (0.3 * torch.randn(V)).to(dtype).requires_grad_(True)
+
+    def run(h, w, b, backend):
+        with chunked(backend):
+            loss, stats = fused_linear_policy_loss(
+                h, w, ids, advantages, old, ref, mask, beta=0.1, bias=b, temperature=0.8,
+                return_entropy=True, backend=backend)
+        if objective == "logprobs_only":
+            total = (stats.logprobs * torch.linspace(0.5, 1.5, T)).sum()
+        else:
+            total = 1.5 * loss - 0.05 * stats.entropy.sum() + 0.1 * stats.logprobs.sum()
+        return loss, torch.autograd.grad(total, (h, w, b))
+
+    loss, grads = run(hidden, weight, bias, "native")
+    exact = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    want_loss, want_grads = run(*exact, "torch")
+    assert_close(loss, want_loss, TOL[dtype], "loss")
+    for name, got, want, t in zip(("hidden", "weight", "bias"), grads, want_grads,
+                                  (hidden, weight, bias)):
+        assert got.dtype == t.dtype
+        assert_close(got, want, TOL[dtype], f"grad_{name}")
 
 
 @pytest.mark.parametrize("with_ref", [False, True])
