@@ -100,6 +100,9 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
         logger.warning("matplotlib is not installed, so no %s was drawn (pip install matplotlib)",
                        Path(png_path).name)
         return False
+    # A run resumed at its last step logs no line, so there may be no file to plot.
+    if not Path(metrics_path).is_file():
+        return False
     records = read_metrics(metrics_path)
     keys = [k for k in PLOTTED if any(isinstance(r.get(k), (int, float)) for r in records)]
     extra = sorted({k for r in records for k, v in r.items()
