@@ -83,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default=None, help="Whisper folder (default: prepared)")
     parser.add_argument("--llm", default=None, help="LLM folder (default: prepared)")
     parser.add_argument("--out", default=None, help="write every scored row here as JSON")
+    parser.add_argument("--previous", action="append", default=[], metavar="FILE",
+                        help="an earlier --out file (same data and options) whose lines join "
+                             "the table first (repeatable); evaluating adapters in several "
+                             "runs")
     args = parser.parse_args(argv)
     adapters = _parse_adapters(args.adapter)
-    if not adapters and not args.untrained and not args.teacher_line:
-        parser.error("nothing to evaluate: pass --adapter NAME=DIR, --untrained or "
-                     "--teacher-line")
+    if not adapters and not args.untrained and not args.teacher_line and not args.previous:
+        parser.error("nothing to evaluate: pass --adapter NAME=DIR, --untrained, "
+                     "--teacher-line or --previous FILE")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"eval_speechlm: {args.data} has no {args.split} rows")
 
     results: dict[str, dict[str, Any]] = {}
+    for file in args.previous:
+        results.update(json.loads(Path(file).read_text(encoding="utf-8")))
     if args.teacher_line:
         t0 = time.perf_counter()
         results["teacher (text)"] = _teacher_reference(slm, teacher, dataset, indices,
