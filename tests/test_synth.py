@@ -74,6 +74,7 @@ def test_normalize_for_speech(text, spoken):
     ("First line\nSecond line", True),
     ("I love this 😀 so much", True),
     ("Mail me at bob@example.org today", True),
+    ("Who discovered x+2y+z = 4?", True),
 ])
 def test_unspeakable_text(text, bad):
     assert (unspeakable_reason(text) is not None) == bad
@@ -143,9 +144,12 @@ def test_postprocess_resamples_trims_and_normalises_loudness():
     wave = np.concatenate([np.zeros(rate), tone, np.zeros(rate)]).astype(np.float32)
     out = postprocess(wave, rate)
     assert out.dtype == np.float32
-    # One second of silence each side trimmed to a 0.1 s margin: about 0.7 s remain.
-    assert 0.6 * 16000 <= len(out) <= 0.8 * 16000
-    voiced = out[int(0.15 * 16000):-int(0.15 * 16000)]
+    # One second of silence each side trimmed to a 0.1 s margin (about 0.7 s remain), then
+    # the half-second lead-in.
+    lead = int(tts_module.LEAD_IN_SECONDS * 16000)
+    assert not out[:lead].any()
+    assert 0.6 * 16000 <= len(out) - lead <= 0.8 * 16000
+    voiced = out[lead + int(0.15 * 16000):-int(0.15 * 16000)]
     rms_db = 20 * np.log10(np.sqrt(np.mean(voiced ** 2)))
     assert abs(rms_db - tts_module.TARGET_RMS_DBFS) < 1.0
     assert np.abs(out).max() <= 10 ** (tts_module.PEAK_DBFS / 20) + 1e-6

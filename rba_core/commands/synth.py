@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-instruction-tokens", type=int, default=96, metavar="N",
                         help="cap on a Magpie user turn; unfinished turns are dropped "
                              "(default: 96)")
+    parser.add_argument("--instruction-temperature", type=float, default=0.8,
+                        help="Magpie sampling temperature (default: 0.8)")
     parser.add_argument("--response-temperature", type=float, default=0.0,
                         help="0 = greedy answers (default), > 0 samples them")
     parser.add_argument("--min-words", type=int, default=None, metavar="N",
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, heldout_fraction=args.heldout_fraction,
         heldout_voices=args.heldout_voices, target_language=args.target_language,
         teacher=args.teacher, device=args.device, dtype=args.dtype, system=args.system,
+        instruction_temperature=args.instruction_temperature,
         max_instruction_tokens=args.max_instruction_tokens,
         max_response_tokens=args.max_response_tokens,
         response_temperature=args.response_temperature, min_words=args.min_words,

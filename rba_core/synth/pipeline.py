@@ -53,6 +53,10 @@ _FIXED_FIELDS = ("seed", "tts", "system", "instruction_temperature", "instructio
 class SynthConfig:
     """One ``rba synth`` run (one task). ``None`` word bounds and response cap take the task's
     defaults; ``max_candidates`` (default ``20 * num + 64``) caps Magpie samples for this call.
+
+    ``instruction_temperature`` is 0.8 rather than Magpie's usual 1.0: at 1.0 the 135M
+    default teacher invents words and names that no listener can transcribe (Whisper tiny.en
+    word error rate on the espeak clips 23% at 1.0, 18% at 0.8, 24 clips each).
     """
 
     task: str
@@ -68,7 +72,7 @@ class SynthConfig:
     device: str = "cpu"
     dtype: str = "float32"
     system: str | None = None
-    instruction_temperature: float = 1.0
+    instruction_temperature: float = 0.8
     instruction_top_p: float = 0.95
     max_instruction_tokens: int = 96
     max_response_tokens: int | None = None

@@ -150,7 +150,8 @@ _URL = re.compile(r"https?://|www\.|\b[\w-]+\.(com|org|net|io|edu|gov)\b|\S+@\S+
                   re.IGNORECASE)
 _MARKUP = re.compile(r"```|`|\*\*|__|</?\w+[^>]*>|^\s*#|^\s*[-*•]\s|^\s*\d+\.\s|\|.*\|",
                      re.MULTILINE)
-_CODE_CHARS = re.compile(r"[{}\[\]<>\\^~;]|=>|->|==|\w\(\)|\w\.\w+\(")
+# '=' marks code or an equation, which TTS reads as a string of symbols.
+_CODE_CHARS = re.compile(r"[{}\[\]<>\\^~;=]|->|\w\(\)|\w\.\w+\(")
 _UNSPEAKABLE_SYMBOL = re.compile(r"[^\w\s.,;:!?'\"“”‘’()\-–—&%$£€+=@°#/×~]")
 
 

