@@ -59,11 +59,11 @@ def main() -> None:
     # (a) instructions
     def batched_instructions():
         return teacher.user_turns(groups, GROUP_SIZE, max_new_tokens=args.instruction_tokens,
-                                  temperature=1.0, top_p=0.95, system=None)
+                                  temperature=0.8, top_p=0.95, system=None)
 
     def looped_instructions():
         return [generate(model, [prefix], max_new_tokens=args.instruction_tokens,
-                         temperature=1.0, top_p=0.95, stop_ids=stop_ids, seed=i)[0]
+                         temperature=0.8, top_p=0.95, stop_ids=stop_ids, seed=i)[0]
                 for i in range(n_instr)]
 
     batched_instructions()  # warm-up: cache allocation
