@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rba_core.errors import ConfigError
+from rba_core.prompts import teacher_messages
 from rba_core.synth.text import sentence_count
 
 QA_PROMPT = "Answer the question in the audio briefly."
@@ -25,8 +26,8 @@ def translate_prompt(language: str) -> str:
 
 
 def teacher_user_message(prompt: str, instruction: str) -> str:
-    """The user turn the teacher answers: the contract's ``teacher_messages(row)`` content."""
-    return instruction if not prompt else prompt + "\n\n" + instruction
+    """The user turn the teacher answers, exactly as training will show it to the teacher."""
+    return teacher_messages({"prompt": prompt, "instruction": instruction})[0]["content"]
 
 
 def _single_question(text: str) -> str | None:
