@@ -632,19 +632,34 @@ at::Tensor chunk_logits(const at::Tensor& h32, const at::Tensor& weight, const O
   return z;
 }
 
+// Rows per element-wise step over a [rows, vocab] tile: contiguous row blocks of about one
+// [rows_chunk, vocab_block] tile (21 rows at V = 49152 by default), so temporaries stay small
+// and every element-wise op runs on contiguous memory.
+int64_t sub_rows(int64_t vocab) {
+  return std::max<int64_t>(1, rows_chunk() * vocab_block() / std::max<int64_t>(vocab, 1));
+}
+
 // In place, z becomes log softmax(z) row-wise; returns (lse [rows], entropy [rows] or undefined).
 std::pair<at::Tensor, at::Tensor> log_softmax_rows_(at::Tensor& z, bool with_entropy) {
-  at::Tensor m = z.amax(1, true);
-  z.sub_(m);
-  at::Tensor e = z.exp();
-  at::Tensor s = e.sum(1, true);
-  at::Tensor log_s = s.log();
-  at::Tensor entropy;
-  // Relative to the max, sum p (z - m) stays well scaled: entropy = log s - sum e (z - m) / s.
-  if (with_entropy) entropy = (log_s - e.mul_(z).sum(1, true).div_(s)).squeeze(1);
-  e.reset();
-  z.sub_(log_s);
-  return {(m + log_s).squeeze(1), entropy};
+  const int64_t rows = z.size(0), step = sub_rows(z.size(1));
+  at::Tensor lse = at::empty({rows}, z.options());
+  at::Tensor entropy = with_entropy ? at::empty({rows}, z.options()) : at::Tensor();
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t r1 = std::min(rows, r0 + step);
+    at::Tensor zb = z.slice(0, r0, r1);
+    at::Tensor m = zb.amax(1, true);
+    zb.sub_(m);
+    at::Tensor e = zb.exp();
+    at::Tensor s = e.sum(1, true);
+    at::Tensor log_s = s.log();
+    // Relative to the max, sum p (z - m) stays well scaled: entropy = log s - sum e (z - m) / s.
+    if (with_entropy) {
+      entropy.slice(0, r0, r1).copy_((log_s - e.mul_(zb).sum(1, true).div_(s)).squeeze(1));
+    }
+    zb.sub_(log_s);
+    lse.slice(0, r0, r1).copy_((m + log_s).squeeze(1));
+  }
+  return {lse, entropy};
 }
 
 // grad_h_c = dz @ W (overwritten), grad_w += dz^T @ h32, grad_b += sum_rows dz (those defined).
@@ -745,33 +760,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, OptTensor> distill_fu
                                   c10::nullopt, inv_t);
     t_lse.slice(0, r0, r1).copy_(log_softmax_rows_(lpt, false).first);
     // dL/dz_s = p_s * (g - c) / T with g = dL/dlog p_s and c = sum_v p_s g (softmax Jacobian).
-    at::Tensor loss_c, dz;
-    if (kind == Kind::ForwardKl) {
-      at::Tensor pt = lpt.exp();
-      loss_c = lpt.sub_(lps).mul_(pt).sum(1);
-      dz = lps.exp_().sub_(pt);
-    } else if (kind == Kind::ReverseKl) {
-      at::Tensor ps = lps.exp();
-      at::Tensor g = lps.sub_(lpt);
-      loss_c = at::mul(ps, g).sum(1);
-      dz = g.sub_(loss_c.unsqueeze(1)).mul_(ps);
-    } else {
-      at::Tensor lm = log_mixture(lps, lpt, jsd_beta);
-      at::Tensor ps = lps.exp();
-      at::Tensor pt = lpt.exp();
-      at::Tensor teacher_part = pt.mul_(lpt.sub_(lm)).sum(1).mul_(jsd_beta);
-      pt.reset();
-      lpt.reset();
-      at::Tensor d_s = lps.sub_(lm);
-      lm.reset();
-      at::Tensor c = at::mul(ps, d_s).sum(1).mul_(1.0 - jsd_beta);
-      loss_c = teacher_part.add_(c);
-      dz = d_s.mul_(1.0 - jsd_beta).sub_(c.unsqueeze(1)).mul_(ps);
+    // The two log-prob tiles are the only [rows, V] buffers: the steps below go one contiguous
+    // block of whole rows at a time and leave dz in the student's tile.
+    const int64_t rows = r1 - r0, step = sub_rows(vocab);
+    at::Tensor loss_c = at::empty({rows, 1}, acc_opts);
+    for (int64_t b0 = 0; b0 < rows; b0 += step) {
+      const int64_t b1 = std::min(rows, b0 + step);
+      at::Tensor sb = lps.slice(0, b0, b1), tb = lpt.slice(0, b0, b1);
+      at::Tensor loss_b = loss_c.slice(0, b0, b1);
+      if (kind == Kind::ForwardKl) {
+        at::Tensor pt = tb.exp();
+        loss_b.copy_((tb - sb).mul_(pt).sum(1, true));
+        sb.exp_().sub_(pt);
+      } else if (kind == Kind::ReverseKl) {
+        tb.sub_(sb).neg_();  // g = log p_s - log p_t
+        sb.exp_();           // p_s
+        loss_b.copy_(at::mul(sb, tb).sum(1, true));
+        tb.sub_(loss_b);     // c = the row's loss
+        sb.mul_(tb);
+      } else {
+        at::Tensor lm = log_mixture(sb, tb, jsd_beta);
+        at::Tensor pt = tb.exp();
+        tb.sub_(lm);
+        at::Tensor teacher_part = pt.mul_(tb).sum(1, true).mul_(jsd_beta);
+        pt.reset();
+        tb.copy_(sb).sub_(lm);  // log p_s - log M
+        lm.reset();
+        sb.exp_();              // p_s
+        at::Tensor c = at::mul(sb, tb).sum(1, true).mul_(1.0 - jsd_beta);
+        loss_b.copy_(teacher_part.add_(c));
+        tb.mul_(1.0 - jsd_beta).sub_(c);
+        sb.mul_(tb);
+      }
     }
+    lpt.reset();
+    at::Tensor dz = lps;
     dz.mul_(grad_scale * inv_t);
     chunk_grad_gemms(dz, hs32, s_weight, grad_h.slice(0, r0, r1), grad_w, at::Tensor());
     // Rounding can leave a divergence of identical distributions a hair below zero.
-    loss.slice(0, r0, r1).copy_(loss_c.clamp_min_(0.0));
+    loss.slice(0, r0, r1).copy_(loss_c.squeeze(1).clamp_min_(0.0));
   }
   OptTensor out_w;
   if (need_weight_grad) out_w = grad_w.to(s_weight.scalar_type());

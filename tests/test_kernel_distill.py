@@ -319,12 +319,13 @@ def _fused_oracle(sh, sw, th, tw, mask, kind, beta, temperature, reduction, t2, 
 @pytest.mark.parametrize("kind,beta", KINDS, ids=KIND_IDS)
 def test_native_fused_scalar_loss_matches_oracle(kind, beta, dtype, reduction, t2):
     """reduction mean/sum on the native op computes the gradients in the forward; 5-row chunks
-    over 23 counted tokens (ragged last chunk), grad_output 1.7, masked [B, T] input."""
+    over 23 counted tokens (ragged last chunk), element-wise steps of 5 * 64 // 157 = 2 rows
+    (ragged), grad_output 1.7, masked [B, T] input."""
     sh, sw, th, tw = _inputs(dtype, n=3 * 11)
     sh, th = sh.reshape(3, 11, DS), th.reshape(3, 11, DT)
     mask = torch.arange(11)[None, :] < torch.tensor([11, 4, 8])[:, None]
     s_leaf, w_leaf = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
-    with native.fused_tile(5 * V):
+    with native.fused_tile(5 * V), native.tile_sizes(5, 64):
         loss = fused_linear_distill_loss(s_leaf, w_leaf, th, tw, mask, kind=kind, jsd_beta=beta,
                                          temperature=1.3, reduction=reduction,
                                          scale_by_temperature_squared=t2, backend="native")
@@ -357,7 +358,7 @@ def test_native_fused_loss_used_twice_retained_graph_and_frozen_weight():
     mask[0, 0] = True
     s_leaf, w_leaf = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
     kwargs = dict(kind="reverse_kl", temperature=0.7, backend="native")
-    with native.fused_tile(4 * V):
+    with native.fused_tile(4 * V), native.tile_sizes(5, 64):
         loss = fused_linear_distill_loss(s_leaf, w_leaf, th, tw, mask, **kwargs)
     _, grad_h, grad_w = _fused_oracle(sh, sw, th, tw, mask, "reverse_kl", 0.5, 0.7, "mean",
                                       False, 1.0)

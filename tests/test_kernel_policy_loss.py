@@ -78,9 +78,15 @@ def oracle(hidden, weight, ids, advantages, old, ref, mask, *, beta, kl_estimato
     return loss.detach(), grads, {k: None if v is None else v.detach() for k, v in stats.items()}
 
 
+@contextlib.contextmanager
 def chunked(backend):
-    """On the native backend, 7-row chunks: the 22 valid tokens span 4 chunks, the last ragged."""
-    return native.fused_tile(7 * V) if backend == "native" else contextlib.nullcontext()
+    """On the native backend, 7-row chunks (the 22 valid tokens span 4, the last ragged) with
+    element-wise steps of 16 * 64 // 203 = 5 rows (ragged)."""
+    if backend != "native":
+        yield
+        return
+    with native.fused_tile(7 * V), native.tile_sizes(16, 64):
+        yield
 
 
 def check_against_oracle(dtype, backend, loss_type, kl_estimator, beta=0.1, with_ref=True,
@@ -185,7 +191,8 @@ def test_native_loss_gradient_comes_from_the_forward(monkeypatch):
     monkeypatch.setattr(native, "token_scores_backward", recompute)
     with chunked("native"):
         loss, _ = fused_linear_policy_loss(hidden, weight, ids, advantages, old, ref, mask,
-                                           beta=0.1, backend="native")
+                                           beta=0.1, clip_eps_low=EPS_LOW,
+                                           clip_eps_high=EPS_HIGH, backend="native")
     loss.backward()
     _, want_grads, _ = oracle(hidden, weight, ids, advantages, old, ref, mask, beta=0.1,
                               kl_estimator="k3", loss_type="grpo")
@@ -198,6 +205,7 @@ def test_native_grad_output_loss_used_twice_and_retained_graph():
     with chunked("native"):
         loss, _ = fused_linear_policy_loss(hidden, weight, ids, advantages, old, ref, mask,
                                            beta=0.1, kl_estimator="k2", loss_type="dapo",
+                                           clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH,
                                            backend="native")
     _, want_grads, _ = oracle(hidden, weight, ids, advantages, old, ref, mask, beta=0.1,
                               kl_estimator="k2", loss_type="dapo")
