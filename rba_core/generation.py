@@ -126,9 +126,14 @@ def generate(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_ids, step_mask = ids, mask
 
+    return cut_at_stop(produced[:, :steps].tolist(), sampling.stop_ids)
+
+
+def cut_at_stop(rows: Sequence[Sequence[int]], stop_ids: Sequence[int]) -> list[list[int]]:
+    """Each row up to and including its first stop id (whole when it has none)."""
+    stop_set = set(stop_ids)
     results: list[list[int]] = []
-    stop_set = set(sampling.stop_ids)
-    for row in produced[:, :steps].tolist():
+    for row in rows:
         out: list[int] = []
         for token in row:
             out.append(token)

@@ -421,7 +421,7 @@ class SpeechLM(nn.Module):
                         *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                         top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
         """``generate`` from pre-tokenized prompt pieces (a ``SpeechBatch``'s)."""
-        from rba_core.generation import SamplingConfig, select_next_tokens
+        from rba_core.generation import SamplingConfig, cut_at_stop, select_next_tokens
 
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, stop_ids=tuple(self.tokenizer.stop_ids),
@@ -448,17 +448,8 @@ class SpeechLM(nn.Module):
             if bool(finished.all()) or len(produced) == max_new_tokens:
                 break
             hidden = self.llm(token[:, None], kv_cache=cache, return_hidden=True)
-        stop_set = set(sampling.stop_ids)
-        results: list[list[int]] = []
         rows = torch.stack(produced, dim=1).tolist() if produced else [[] for _ in range(batch)]
-        for row in rows:
-            out: list[int] = []
-            for token in row:
-                out.append(token)
-                if token in stop_set:
-                    break
-            results.append(out)
-        return results
+        return cut_at_stop(rows, sampling.stop_ids)
 
     def answer(self, waves: Sequence[np.ndarray | torch.Tensor],
                prompts: Sequence[Messages] | None = None, **sampling: Any) -> list[str]:
