@@ -375,3 +375,19 @@ def test_native_fused_loss_used_twice_retained_graph_and_frozen_weight():
     fused_linear_distill_loss(frozen_leaf, frozen_w, th, tw, mask, **kwargs).backward()
     assert frozen_w.grad is None
     _close(frozen_leaf.grad, grad_h, torch.float32, "grad_hidden (frozen weight)")
+
+
+def test_native_distill_fused_op_forward_kl_matches_oracle():
+    """The op's forward-KL branch (the public function keeps forward KL on the recompute path,
+    which measured faster) against the float64 oracle, called directly."""
+    sh, sw, th, tw = _inputs(torch.float32, n=11)
+    grad_rows = torch.full((11,), 0.4)
+    with native.fused_tile(4 * V), native.tile_sizes(5, 64):
+        loss, s_lse, t_lse, grad_h, grad_w = native.distill_fused(sh, sw, th, tw, 1.3,
+                                                                  "forward_kl", 0.5, 0.4, True)
+    want, want_s, want_t, want_h, want_w = _oracle(sh, sw, th, tw, 1.3, "forward_kl", 0.5,
+                                                   grad_rows)
+    for name, got, exp in (("loss", loss, want), ("s_lse", s_lse, want_s),
+                           ("t_lse", t_lse, want_t), ("grad_hidden", grad_h, want_h),
+                           ("grad_weight", grad_w, want_w)):
+        _close(got, exp, torch.float32, name)
