@@ -133,6 +133,23 @@ def _shape(tensor: torch.Tensor) -> list[int]:
     return list(tensor.shape)
 
 
+def mismatch_report(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], *,
+                    missing: list[str], unexpected: list[str]) -> str:
+    """One line listing the missing, unexpected and mis-shaped tensors ("" when all match):
+    what a strict load reports, so that a user sees every problem at once."""
+    misshaped = [f"{name} (file {_shape(tensor)}, model {_shape(expected[name])})"
+                 for name, tensor in found.items()
+                 if name in expected and tensor.shape != expected[name].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"wrong shapes: {', '.join(misshaped)}")
+    return "; ".join(problems)
+
+
 def load_into_module(
     module: nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -158,22 +175,11 @@ def load_into_module(
             filled[name] = tensors[tied[name]]
         else:
             missing.append(name)
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = [
-        f"{name} (file {_shape(tensor)}, model {_shape(expected[name])})"
-        for name, tensor in filled.items()
-        if tensor.shape != expected[name].shape
-    ]
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing tensors: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-        if misshaped:
-            problems.append(f"wrong shapes: {', '.join(misshaped)}")
+    problems = mismatch_report(expected, filled, missing=missing,
+                               unexpected=sorted(set(tensors) - set(expected)))
+    if problems:
         raise CheckpointError(
-            f"{source}: does not match {type(module).__name__} ({'; '.join(problems)}); check "
+            f"{source}: does not match {type(module).__name__} ({problems}); check "
             "that config.json describes these weights")
     on_meta = any(tensor.is_meta for tensor in expected.values())
     with torch.no_grad():

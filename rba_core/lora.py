@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rba_core.checkpoint import mismatch_report
 from rba_core.errors import CheckpointError, ConfigError
 
 LORA_WEIGHTS = "lora.safetensors"
@@ -183,23 +184,11 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], *,
     """Copy LoRA tensors into the wrappers, strictly (names and shapes must all match)."""
     expected = {f"{name}.lora_{part}": getattr(module, f"lora_{part}")
                 for name, module in lora_modules(model).items() for part in ("A", "B")}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = sorted(f"{name} (file {list(tensors[name].shape)}, model "
-                       f"{list(expected[name].shape)})"
-                       for name in set(expected) & set(tensors)
-                       if tensors[name].shape != expected[name].shape)
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"unexpected: {', '.join(unexpected)}")
-        if misshaped:
-            problems.append(f"wrong shapes: {', '.join(misshaped)}")
-        raise CheckpointError(f"{source}: LoRA weights do not match the model "
-                              f"({'; '.join(problems)}); load them with the LoRA config they "
-                              "were trained with")
+    problems = mismatch_report(expected, tensors, missing=sorted(set(expected) - set(tensors)),
+                               unexpected=sorted(set(tensors) - set(expected)))
+    if problems:
+        raise CheckpointError(f"{source}: LoRA weights do not match the model ({problems}); "
+                              "load them with the LoRA config they were trained with")
     with torch.no_grad():
         for name, parameter in expected.items():
             parameter.copy_(tensors[name])
