@@ -214,15 +214,26 @@ class SpeechLM(nn.Module):
         features, lengths = batch_features(list(waves), n_mels=self.n_mels)
         return features.to(self.device), lengths.to(self.device)
 
+    def encode(self, features: torch.Tensor, frame_lengths: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder frames ``[B, T', E]`` and their lengths (without autograd unless the
+        encoder trains)."""
+        frame_lengths = torch.as_tensor(frame_lengths, device=features.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
+            return self.encoder(features, frame_lengths)
+
+    def adapt(self, frames: torch.Tensor, frame_lengths: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter outputs ``[B, N, D]`` in the LLM's dtype and their lengths ``[B]``, from
+        encoder frames."""
+        embeds, out_lengths = self.adapter(frames.to(self.adapter.ln_pre.weight.dtype),
+                                           frame_lengths)
+        return embeds.to(self.llm.lm_head_weight.dtype), out_lengths
+
     def speech_embeddings(self, features: torch.Tensor, frame_lengths: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter outputs ``[B, N, D]`` in the LLM's dtype and their lengths ``[B]``."""
-        frame_lengths = torch.as_tensor(frame_lengths, device=features.device)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
-            hidden, lengths = self.encoder(features, frame_lengths)
-        frames = hidden.to(self.adapter.ln_pre.weight.dtype)
-        embeds, out_lengths = self.adapter(frames, lengths)
-        return embeds.to(self.llm.lm_head_weight.dtype), out_lengths
+        return self.adapt(*self.encode(features, frame_lengths))
 
     def _splice_rows(self, audio: torch.Tensor, audio_lengths: torch.Tensor,
                      before_ids: Sequence[Sequence[int]], after_ids: Sequence[Sequence[int]]

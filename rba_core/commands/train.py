@@ -1,5 +1,6 @@
-"""``rba train``: SFT or KD of the SpeechLM's adapter on a dataset folder.
+"""``rba train``: CTC alignment, SFT or KD of the SpeechLM's adapter on a dataset folder.
 
+    rba train --config rba_core/train/configs/align.yaml data.dir=data/speech
     rba train --config rba_core/train/configs/kd.yaml data.dir=data/speech run.max_steps=200
     torchrun --nproc_per_node=4 -m rba_core.cli train --config kd.yaml data.dir=data/speech
 """
@@ -12,8 +13,9 @@ import sys
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train the SpeechLM (sft or kd) on a synthesized dataset",
-        description="Train the SpeechLM's adapter (and LoRA, if configured) with SFT or KD. "
+        help="train the SpeechLM (align, sft or kd) on a synthesized dataset",
+        description="Train the SpeechLM's adapter (and LoRA, if configured) with CTC "
+                    "alignment to the LLM's token embeddings (align), SFT or KD. "
                     "Settings come from a YAML file (see rba_core/train/configs/) and "
                     "section.field=value overrides. Launch under torchrun for several "
                     "processes; a run resumes from its output folder's newest checkpoint.",

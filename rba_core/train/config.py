@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from rba_core.errors import ConfigError
 
-TASKS = ("sft", "kd")
+TASKS = ("align", "sft", "kd")
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -224,6 +224,9 @@ class TrainConfig(TrainerConfig):
         _choice("task", self.task, TASKS)
         super().validate()
         self.model.validate()
+        if self.task == "align" and self.model.lora_rank > 0:
+            _fail("model.lora_rank", "0 with task=align (CTC alignment trains the adapter only; "
+                  "the LLM does not run)", self.model.lora_rank)
         self.data.validate()
         self.loss.validate()
 

@@ -1,8 +1,8 @@
-"""SFT and KD of the SpeechLM as a :class:`rba_core.train.TrainTask`.
+"""CTC alignment, SFT and KD of the SpeechLM as :class:`rba_core.train.TrainTask` objects.
 
 This module is the bridge between the audio-free trainer and the SpeechLM: it builds the model,
 the teacher and the dataset from a :class:`TrainConfig`, hands out length-bucketed batches per
-rank and computes ``sft_loss`` / ``kd_loss``.
+rank and computes ``ctc_align_loss`` / ``sft_loss`` / ``kd_loss``.
 """
 from __future__ import annotations
 
@@ -108,6 +108,57 @@ class SpeechDistillTask:
                        jsd_beta=self.loss_config.jsd_beta, fused=self.fused)
 
 
+class SpeechAlignTask(SpeechDistillTask):
+    """``task="align"``: CTC pre-alignment of the adapter to the LLM's token embeddings
+    (:mod:`rba_core.align`). Batches, weighting and sharding are those of SFT/KD; the loss
+    never runs the LLM, and the CTC head's blank vector and scale train beside the adapter
+    (they are checkpointed, not exported)."""
+
+    def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *,
+                 batch_size: int) -> None:
+        from rba_core.align import CTCAlignHead, alignment_vocabulary, transcript_ids
+
+        # The set-up (and the empty-batch handling) is SFT's; only the loss differs.
+        super().__init__(speechlm, dataset, task="sft", batch_size=batch_size)
+        self.task = "align"
+        # Every rank reads the same rows, so every rank builds the same vocabulary.
+        self.transcripts = {str(row["id"]): transcript_ids(speechlm.tokenizer, row)
+                            for row in dataset.rows}
+        self.head = CTCAlignHead(alignment_vocabulary(self.transcripts.values()),
+                                 dim=speechlm.llm.config.hidden_size, device=speechlm.device)
+        self.encoder_cache: dict[str, torch.Tensor] = {}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.speechlm.trainable_parameters(), *self.head.parameters()]
+
+    def batch_weight(self, batch: "SpeechBatch | None") -> float:
+        return 0.0 if batch is None else float(sum(len(self.transcripts[i]) for i in batch.ids))
+
+    def _encoder_frames(self, batch: "SpeechBatch") -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's encoder frames, from the cache when every clip has been encoded. A
+        frozen encoder gives every clip the same frames each epoch, and on the CPU it costs
+        several times the rest of an alignment step."""
+        if self.speechlm.train_encoder:
+            return self.speechlm.encode(batch.features, batch.frame_lengths)
+        if not all(i in self.encoder_cache for i in batch.ids):
+            hidden, lengths = self.speechlm.encode(batch.features, batch.frame_lengths)
+            for row, clip_id in enumerate(batch.ids):
+                self.encoder_cache[clip_id] = hidden[row, : int(lengths[row])].detach()
+        clips = [self.encoder_cache[i] for i in batch.ids]
+        lengths = torch.tensor([c.shape[0] for c in clips], device=clips[0].device)
+        return torch.nn.utils.rnn.pad_sequence(clips, batch_first=True), lengths
+
+    def loss(self, batch: "SpeechBatch | None") -> tuple[torch.Tensor, dict[str, float]]:
+        from rba_core.align import ctc_align_loss
+
+        if batch is None:
+            return super().loss(batch)
+        batch = batch.to(self.speechlm.device)
+        audio, lengths = self.speechlm.adapt(*self._encoder_frames(batch))
+        return ctc_align_loss(self.head, audio, lengths, [self.transcripts[i] for i in batch.ids],
+                              self.speechlm.llm.model.embed_tokens.weight)
+
+
 def _model_dir(given: str | None, name: str, field: str) -> Path:
     from rba_core.prepare import default_model_dir
 
@@ -147,6 +198,8 @@ def build_speech_task(config: TrainConfig, device: torch.device) -> SpeechDistil
                             max_duration=config.data.max_duration,
                             max_response_tokens=config.data.max_response_tokens,
                             n_mels=speechlm.n_mels)
+    if config.task == "align":
+        return SpeechAlignTask(speechlm, dataset, batch_size=config.data.batch_size)
     return SpeechDistillTask(speechlm, dataset, task=config.task,
                              batch_size=config.data.batch_size, loss=config.loss,
                              teacher=teacher)
