@@ -1,5 +1,6 @@
 """``rba chat``: answer a spoken instruction with the SpeechLM (and, given the transcript,
-show the text teacher's answer beside it)."""
+show the text teacher's answer beside it), or answer the clips of a dataset folder beside the
+teacher's answers to their transcripts."""
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="answer a spoken instruction with the SpeechLM",
         description="Encode AUDIO with Whisper, splice it into the LLM's chat prompt through "
                     "the audio adapter and print the greedy answer. With --transcript, also "
-                    "print the text teacher's answer to the transcript.",
+                    "print the text teacher's answer to the transcript. With --data instead of "
+                    "--audio, answer the first clips of a dataset split (default: the "
+                    "held-out one), each beside the teacher's answer to its transcript.",
     )
-    parser.add_argument("--audio", required=True, metavar="FILE",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audio", metavar="FILE",
                         help="the spoken instruction (WAV/FLAC/OGG, any rate, mono or not)")
+    source.add_argument("--data", metavar="DIR",
+                        help="a dataset folder (`rba synth` layout): answer its clips")
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="with --data: which split (default: heldout)")
+    parser.add_argument("--limit", type=int, default=4, metavar="N",
+                        help="with --data: how many clips, from the first (default: 4)")
     parser.add_argument("--adapter", metavar="DIR", default=None,
                         help="a trained adapter folder (SpeechLM.save_trainable); default: the "
                              "packaged warm-started adapter when present, else an untrained one")
@@ -62,7 +72,6 @@ def _model_dir(given: str | None, name: str, flag: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rba_core.audio import load_audio
     from rba_core.errors import ConfigError
     from rba_core.generation import generate
     from rba_core.lora import lora_disabled
@@ -71,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    wave = load_audio(args.audio)
+    rows, waves = _requests(args)
     encoder_dir = _model_dir(args.encoder, DEFAULT_ENCODER, "--encoder")
     llm_dir = _model_dir(args.llm, DEFAULT_LLM, "--llm")
     adapter = args.adapter
@@ -85,18 +94,46 @@ def run(args: argparse.Namespace) -> int:
     speechlm = SpeechLM.from_pretrained(encoder_dir, llm_dir, adapter,
                                         dtype=getattr(torch, args.dtype), device=args.device)
     speechlm.eval()
-    row = {"instruction": args.transcript or "", "prompt": args.prompt}
-    answer = speechlm.answer([wave], [student_messages(row)],
-                             max_new_tokens=args.max_new_tokens)[0]
-    if args.transcript is None:
-        print(answer)
+    answers = speechlm.answer(waves, [student_messages(row) for row in rows],
+                              max_new_tokens=args.max_new_tokens)
+    if args.data is None and args.transcript is None:
+        print(answers[0])
         return 0
     teacher, tokenizer = speechlm.load_teacher(args.teacher)
-    prompt = teacher_prompt_ids(tokenizer, teacher_messages(row))
+    prompts = [teacher_prompt_ids(tokenizer, teacher_messages(row)) for row in rows]
     with lora_disabled(teacher):
-        reply = generate(teacher, [prompt], max_new_tokens=args.max_new_tokens,
-                         stop_ids=tokenizer.stop_ids,
-                         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)[0]
-    print(f"speechlm: {answer}")
-    print(f"teacher:  {tokenizer.decode(reply, skip_special_tokens=True).strip()}")
+        replies = generate(teacher, prompts, max_new_tokens=args.max_new_tokens,
+                           stop_ids=tokenizer.stop_ids,
+                           pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    for index, (row, answer, reply) in enumerate(zip(rows, answers, replies)):
+        if args.data is not None:
+            voice = row.get("voice", {}).get("voice", "?")
+            print(f"{'' if index == 0 else chr(10)}[{row['id']}, voice {voice}] said: "
+                  f"{row['instruction']}")
+        print(f"speechlm: {answer}")
+        print(f"teacher:  {tokenizer.decode(reply, skip_special_tokens=True).strip()}")
     return 0
+
+
+def _requests(args: argparse.Namespace) -> tuple[list[dict], list]:
+    """The chat rows (instruction = transcript, task prompt) and 16 kHz waves to answer."""
+    from rba_core.audio import load_audio
+    from rba_core.errors import ConfigError
+
+    if args.data is None:
+        return ([{"instruction": args.transcript or "", "prompt": args.prompt}],
+                [load_audio(args.audio)])
+    from rba_core.synth import read_manifest
+
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    if args.transcript is not None or args.prompt:
+        raise ConfigError("--transcript and --prompt go with --audio; with --data each row "
+                          "brings its own")
+    root = Path(args.data)
+    rows = [row for row in read_manifest(root) if row.get("split") == args.split]
+    if not rows:
+        raise ConfigError(f"--data {root}: no rows in split {args.split!r}; pick the other "
+                          "--split or synthesize with --heldout-fraction")
+    rows = rows[: args.limit]
+    return rows, [load_audio(root / row["audio"]) for row in rows]

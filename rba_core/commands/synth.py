@@ -17,9 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "audio. Rerunning with the same options continues an interrupted run; "
                     "another --task can be added to the same DIR.",
     )
-    parser.add_argument("--task", required=True, choices=("instruct", "qa", "translate"),
+    parser.add_argument("--task", required=True,
+                        choices=("instruct", "qa", "translate", "read"),
                         help="instruct: spoken requests; qa: spoken questions with brief "
-                             "answers; translate: spoken sentences to translate")
+                             "answers; translate: spoken sentences to translate; read: "
+                             "sentences of the train answers in --source spoken to be repeated "
+                             "(more words for the adapter's CTC alignment; no teacher call)")
+    parser.add_argument("--source", metavar="DIR", default=None,
+                        help="--task read: the dataset whose answers are read (default: --out)")
     parser.add_argument("--num", type=int, required=True, metavar="N",
                         help="rows of this task the folder should hold")
     parser.add_argument("--tts", choices=("espeak", "piper"), default="espeak",
@@ -90,7 +95,16 @@ def run(args: argparse.Namespace) -> int:
         max_words=args.max_words, near_duplicate_threshold=args.near_duplicate_threshold,
         max_candidates=args.max_candidates, tts_workers=args.tts_workers,
         piper_voices=tuple(args.piper_voice), progress=not args.no_progress)
-    summary = run_synth(config)
+    if args.source is not None and args.task != "read":
+        from rba_core.errors import ConfigError
+
+        raise ConfigError("--source goes with --task read only")
+    if args.task == "read":
+        from rba_core.synth.read import run_read
+
+        summary = run_read(config, source=args.source)
+    else:
+        summary = run_synth(config)
     task = summary["tasks"].get(args.task, {})
     print(json.dumps({"out": args.out, "task": args.task, "rows": task.get("rows", 0),
                       "hours": task.get("hours", 0.0), "filters": task.get("filters", {})},

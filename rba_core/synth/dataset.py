@@ -28,7 +28,7 @@ LOCK = ".synth.lock"
 REQUIRED_FIELDS = ("id", "task", "instruction", "prompt", "response", "audio", "duration",
                    "sample_rate", "voice", "teacher", "tts", "seed", "split",
                    "response_truncated")
-TASKS = ("instruct", "qa", "translate")
+TASKS = ("instruct", "qa", "translate", "read")
 SPLITS = ("train", "heldout")
 
 

@@ -18,6 +18,7 @@ from rba_core.prompts import teacher_messages
 from rba_core.synth.text import sentence_count
 
 QA_PROMPT = "Answer the question in the audio briefly."
+READ_PROMPT = "Repeat exactly what was said."
 QA_OPENERS = ("What", "Who", "Where", "When", "Which", "How many", "Why", "How")
 
 
@@ -63,6 +64,9 @@ RECIPES: dict[str, TaskRecipe] = {
                      prompt_for=lambda language: QA_PROMPT),
     "translate": TaskRecipe("translate", min_words=3, max_words=30, max_sentences=2,
                             response_tokens=128, prompt_for=translate_prompt),
+    # Sentences of the teacher's answers, spoken (rba_core.synth.read); no teacher call.
+    "read": TaskRecipe("read", min_words=4, max_words=30, max_sentences=1, response_tokens=64,
+                       prompt_for=lambda language: READ_PROMPT),
 }
 
 
