@@ -426,3 +426,35 @@ def test_chat_rejects_bad_input_before_loading_models(tmp_path, capsys):
     with pytest.raises(ConfigError, match="max-new-tokens"):
         _run_command("rba_core.commands.chat", ["chat", "--audio", "x.wav",
                                                 "--max-new-tokens", "0"], capsys)
+
+
+def test_chat_answers_dataset_clips_beside_the_teacher(tmp_path, capsys):
+    from rba_core.generation import generate
+    from rba_core.prompts import teacher_messages, teacher_prompt_ids
+    from test_trainer import write_tiny_encoder
+
+    encoder, llm = write_tiny_encoder(tmp_path / "encoder"), write_tiny_llm(tmp_path / "llm")
+    data = write_dataset(tmp_path / "data")
+    models = ["--encoder", str(encoder), "--llm", str(llm), "--max-new-tokens", "3"]
+    out = _run_command("rba_core.commands.chat", ["chat", "--data", str(data), "--split",
+                                                  "train", "--limit", "2", *models], capsys)
+    blocks = out.strip().split("\n\n")
+    assert len(blocks) == 2
+    slm = SpeechLM.from_pretrained(encoder, llm)
+    for block, row in zip(blocks, ROWS):
+        said, speech, teacher = block.splitlines()
+        assert said.endswith(f"voice en] said: {row['instruction']}")
+        assert speech.startswith("speechlm: ")
+        reply = generate(slm.llm, [teacher_prompt_ids(slm.tokenizer, teacher_messages(row))],
+                         max_new_tokens=3, stop_ids=slm.tokenizer.stop_ids,
+                         pad_id=slm.tokenizer.pad_id)[0]
+        assert teacher == "teacher:  " + slm.tokenizer.decode(reply,
+                                                              skip_special_tokens=True).strip()
+    with pytest.raises(ConfigError, match="no rows in split 'heldout'"):
+        _run_command("rba_core.commands.chat", ["chat", "--data", str(data), *models], capsys)
+    with pytest.raises(ConfigError, match="go with --audio"):
+        _run_command("rba_core.commands.chat", ["chat", "--data", str(data), "--transcript",
+                                                "x", *models], capsys)
+    with pytest.raises(ConfigError, match="--limit must be at least 1"):
+        _run_command("rba_core.commands.chat", ["chat", "--data", str(data), "--limit", "0",
+                                                *models], capsys)
