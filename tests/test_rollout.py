@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from rba_core.errors import ConfigError
+from rba_core.lora import LoraConfig, apply_lora, lora_modules
 from rba_core.models.llama import LlamaConfig, LlamaForCausalLM
+from rba_core.models.packed import PackedProjections
 from rba_core.rollout import (
     RolloutEngine,
     SamplingConfig,
@@ -16,9 +18,10 @@ from rba_core.rollout import (
 VOCAB = 61
 
 
-def tiny_model(dtype=torch.float32, *, layers=2, heads=4, kv_heads=2, tied=True):
+def tiny_model(dtype=torch.float32, *, layers=2, heads=4, kv_heads=2, tied=True,
+               model_type="llama"):
     config = LlamaConfig.from_dict(dict(
-        model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+        model_type=model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         tie_word_embeddings=tied, rms_norm_eps=1e-6, rope_theta=500.0))
     model = LlamaForCausalLM(config)
@@ -244,6 +247,59 @@ def test_shared_prefix_training_forward_equals_unshared_loss_and_grads():
         assert size > 0
         assert (exact - want).abs().max() < 1e-6 * size
         assert (fused - want).abs().max() < 1e-5 * size
+
+
+def with_live_lora(model, targets):
+    apply_lora(model, LoraConfig(rank=2, targets=targets))
+    for module in lora_modules(model).values():
+        torch.nn.init.normal_(module.lora_B, std=0.3)  # a non-zero update that must show
+    return model
+
+
+def test_packed_projections_compute_what_the_modules_do():
+    # Qwen2 has q/k/v biases; the LoRA-wrapped projections must run live, not from a copy.
+    model = with_live_lora(tiny_model(model_type="qwen2", tied=False), ("q_proj", "up_proj"))
+    packed = PackedProjections(model)
+    x = torch.randn(3, 5, 32)
+    attended = torch.randn(3, 4, 5, 8)
+    close = dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for layer, p in zip(model.model.layers, packed.layers):
+            for ours, want in zip(p.project_qkv(x), layer.self_attn.project_qkv(x)):
+                torch.testing.assert_close(ours, want, **close)
+            torch.testing.assert_close(p.project_out(attended),
+                                       layer.self_attn.project_out(attended), **close)
+            torch.testing.assert_close(p.mlp(x), layer.mlp(x), **close)
+        torch.testing.assert_close(packed.lm_head(x[:, 0]), x[:, 0] @ model.lm_head_weight.T,
+                                   **close)
+
+
+def test_packed_copies_are_rebuilt_after_weight_changes():
+    model = tiny_model()
+    packed = PackedProjections(model)
+    assert packed.matches(model)
+    packed_engine = RolloutEngine(model, max_prompt_len=16, max_new_tokens=6)
+    plain_engine = RolloutEngine(model, max_prompt_len=16, max_new_tokens=6, pack_weights=False)
+    prompts = ragged_prompts()
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=6)
+
+    def same_rollouts():
+        ours, want = (e.generate(prompts, 2, sampling) for e in (packed_engine, plain_engine))
+        assert torch.equal(ours.tokens, want.tokens)
+        assert (ours.logprobs - want.logprobs).abs().max() < 1e-4
+
+    same_rollouts()
+    # An optimizer step updates the weights in place between rollouts.
+    model.model.layers[1].mlp.down_proj.weight.grad = torch.randn(32, 48)
+    model.lm_head_weight.grad = torch.randn(VOCAB, 32)
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    assert not packed.matches(model)
+    same_rollouts()
+    # Wrapping a projection in LoRA after packing: the copy must give way to the live module.
+    packed = PackedProjections(model)
+    with_live_lora(model, ("v_proj",))
+    assert not packed.matches(model)
+    same_rollouts()
 
 
 def test_kv_memory_follows_the_shared_layout():

@@ -431,6 +431,17 @@ class KVCache:
         self.seen += num_new if valid is None else valid.long().sum(-1)
 
 
+def merge_heads(attended: torch.Tensor) -> torch.Tensor:
+    """Attention output ``[B, H, T, D]`` -> ``[B, T, H * D]``, the output projection's input."""
+    batch, _, length, _ = attended.shape
+    return attended.transpose(1, 2).reshape(batch, length, -1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's gated activation, the down projection's input."""
+    return F.silu(gate) * up
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -448,16 +459,20 @@ class LlamaAttention(nn.Module):
     def project_qkv(self, hidden: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[B, T, hidden]`` -> q ``[B, H, T, D]``, k and v ``[B, Hkv, T, D]``."""
-        batch, length, _ = hidden.shape
-        q = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim)
+        return self.split_heads(self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden))
+
+    def split_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections ``[B, T, heads * D]`` -> q ``[B, H, T, D]``, k and v ``[B, Hkv, T, D]``."""
+        batch, length, _ = q.shape
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def project_out(self, attended: torch.Tensor) -> torch.Tensor:
         """``[B, H, T, D]`` -> ``[B, T, hidden]``."""
-        batch, _, length, _ = attended.shape
-        return self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(merge_heads(attended))
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 mask: torch.Tensor | None, causal: bool,
@@ -479,7 +494,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,8 +1,10 @@
 """Layer-by-layer forwards of a Llama-family model over a shared prompt and G continuations.
 
 The model's own ``forward`` attends over one flat sequence per row. These drive its layers
-directly (through ``project_qkv`` / ``project_out``), so the prompt's keys and values can be
-computed once and attended to by every continuation of its group through cascade attention.
+directly (through ``project_qkv`` / ``project_out`` / ``mlp``), so the prompt's keys and values
+can be computed once and attended to by every continuation of its group through cascade
+attention. No-grad decoding may pass ``packed`` (``rba_core.models.packed.PackedProjections``)
+to ``suffix_forward`` to run the projections as fused, prepacked GEMMs instead of the modules.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from rba_core.errors import ConfigError
 from rba_core.kernels.cascade_attention import cascade_attention
 from rba_core.models.llama import apply_rotary, attention
+from rba_core.models.packed import PackedProjections
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -88,6 +91,15 @@ def embed_prompts(model: torch.nn.Module, prompts: Sequence[torch.Tensor], *,
     return Prompts(embeds, lens, lens_list)
 
 
+def _layer_calls(model: torch.nn.Module, packed: PackedProjections | None) -> list[tuple]:
+    """Per layer, (project_qkv, project_out, mlp): the packed copies' when given, else the
+    layer's own modules (differentiable, and the only choice while gradients are needed)."""
+    if packed is not None:
+        return [(p.project_qkv, p.project_out, p.mlp) for p in packed.layers]
+    return [(layer.self_attn.project_qkv, layer.self_attn.project_out, layer.mlp)
+            for layer in model.model.layers]
+
+
 def prefix_forward(model: torch.nn.Module, prompts: Prompts, *, cache=None
                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Run the right-padded prompts ``[B, P]`` through every layer.
@@ -131,6 +143,7 @@ def suffix_forward(
     suffix_lens: torch.Tensor | None = None,
     group_starts: torch.Tensor | None = None,
     backend: str = "auto",
+    packed: PackedProjections | None = None,
 ) -> torch.Tensor:
     """Continuation tokens ``embeds [S, T, hidden]`` at rotary ``positions [S, T]``, attending
     to their prompt's prefix and causally to themselves. Returns final-normed hidden ``[S, T,
@@ -138,16 +151,18 @@ def suffix_forward(
 
     Without ``cache`` the suffix keys/values are the ones computed here (scoring, training).
     With ``cache`` (decode, T == 1) they are written at ``cache_position`` of storage ``rows``
-    and the attention reads the cache's suffix up to ``suffix_lens``.
+    and the attention reads the cache's suffix up to ``suffix_lens``. ``packed`` (no grad)
+    replaces the layers' projections with their packed copies.
     """
     h = embeds
     S, T, _ = h.shape
     cos, sin = model.model.rotary_emb(positions, h.dtype)
     if suffix_lens is None:
         suffix_lens = torch.full((S,), T, dtype=torch.long, device=h.device)
+    calls = _layer_calls(model, packed)
     for index, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        q, k, v = attn.project_qkv(layer.input_layernorm(h))
+        project_qkv, project_out, mlp = calls[index]
+        q, k, v = project_qkv(layer.input_layernorm(h))
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             cache.write_suffix(index, rows, cache_position, k, v)
@@ -163,6 +178,6 @@ def suffix_forward(
             suffix_k, suffix_v, suffix_lens, sample_prompt, suffix_rows,
             max_group=max_group, group_starts=group_starts, backend=backend,
         )
-        h = h + attn.project_out(out.transpose(1, 2))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + project_out(out.transpose(1, 2))
+        h = h + mlp(layer.post_attention_layernorm(h))
     return model.model.norm(h)
