@@ -87,15 +87,21 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, config: Sampling
     log-prob under the untempered model [N], log-prob under the sampling distribution [N]),
     both log-probs float32.
     """
-    model_logp = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    # Only the drawn token's untempered log-prob is needed: its logit minus one log-sum-exp per
+    # row, instead of a full [N, V] log-softmax copy at every step.
+    log_norm = torch.logsumexp(logits, dim=-1)
+
+    def model_logp(tokens: torch.Tensor) -> torch.Tensor:
+        return logits.gather(-1, tokens[:, None])[:, 0] - log_norm
+
     if config.temperature == 0:
-        tokens = model_logp.argmax(-1)
-        return tokens, model_logp.gather(-1, tokens[:, None])[:, 0], torch.zeros_like(
-            model_logp[:, 0])
+        tokens = logits.argmax(-1)
+        return tokens, model_logp(tokens), torch.zeros_like(log_norm)
     if 0 < config.top_k < logits.shape[-1]:
         # Only the k best tokens can be drawn: filter and sample among them alone, which spares
         # a sort and a cumulative sum over the whole vocabulary at every step.
-        values, candidates = torch.topk(logits.float() / config.temperature, config.top_k, dim=-1)
+        values, candidates = torch.topk(logits / config.temperature, config.top_k, dim=-1)
         values = _filter_sorted(values, config)
     else:
         values, candidates = filter_logits(logits, config), None
@@ -104,8 +110,7 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, config: Sampling
     target = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
     pick = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
     tokens = pick[:, 0] if candidates is None else candidates.gather(-1, pick)[:, 0]
-    return (tokens, model_logp.gather(-1, tokens[:, None])[:, 0],
-            sample_logp.gather(-1, pick)[:, 0])
+    return tokens, model_logp(tokens), sample_logp.gather(-1, pick)[:, 0]
 
 
 def _filter_sorted(values: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
