@@ -4,10 +4,10 @@
                                        # V=128256 and 151936
     python bench/kernels.py --quick    # small shapes, for a smoke run
 
-Ops: per-token log-probs, the GRPO policy loss, and distillation (forward KL, JSD). Peers: eager
-PyTorch (full [N, V] logits), torch.compile of that same eager code, and Liger-Kernel's fused
-linear ops where they exist (CUDA only). The rba op runs with backend="auto": the native C++ op
-on CPU, Triton on CUDA.
+Ops: per-token log-probs, the GRPO policy loss, and distillation (forward KL, reverse KL, JSD).
+Peers: eager PyTorch (full [N, V] logits), torch.compile of that same eager code, and
+Liger-Kernel's fused linear ops where they exist (CUDA only). The rba op runs with
+backend="auto": the native C++ op on CPU, Triton on CUDA.
 
 Every measurement runs in a fresh subprocess so no peer inherits another's allocations or
 compiled code. The subprocess builds the inputs, runs one untimed warm-up step (compiling and
@@ -21,7 +21,7 @@ loading everything), drops the gradients, then:
 - GPU memory: torch.cuda.max_memory_allocated after reset_peak_memory_stats (same process).
 - extra = peak - (resident before the step, which holds the inputs) - the gradients of hidden
   and weight, which every peer must return.
-- time: the minimum over the timed steps.
+- time: the median over the timed steps (taken round-robin across the peers).
 The last printed line is one JSON object with every measured ratio, rba / peer (lower is better).
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-OPS = ("logprobs", "policy_loss", "distill_forward_kl", "distill_jsd")
+OPS = ("logprobs", "policy_loss", "distill_forward_kl", "distill_reverse_kl", "distill_jsd")
 PEERS = ("rba", "eager", "compile", "liger")
 
 
@@ -81,6 +82,8 @@ def _eager_distill(hs, ws, ht, wt, kind, beta=0.5):
         log_pt = torch.log_softmax((ht @ wt.T).float(), dim=-1)
     if kind == "forward_kl":
         rows = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    elif kind == "reverse_kl":
+        rows = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     else:
         log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1 - beta))
         rows = (beta * (log_pt.exp() * (log_pt - log_m)).sum(-1)
@@ -158,7 +161,7 @@ def _build_step(spec: Spec) -> tuple[Callable[[], None], list]:
                 fn(h3.view(n, d), w, ids, adv, old, ref, mask).backward()
         return step, leaves
 
-    kind = "forward_kl" if spec.op == "distill_forward_kl" else "jsd"
+    kind = spec.op.removeprefix("distill_")
     ht = (torch.randn(n, d, device=dev) * 0.5).to(dtype)
     wt = (torch.randn(vocab, d, device=dev) / d**0.5).to(dtype)
     if spec.peer == "rba":
@@ -169,7 +172,7 @@ def _build_step(spec: Spec) -> tuple[Callable[[], None], list]:
                                       temperature=1.0).backward()
     elif spec.peer == "liger":
         if kind != "jsd":
-            raise _NotApplicable("no Liger fused linear forward-KL op")
+            raise _NotApplicable(f"no Liger fused linear {kind} op")
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         # beta = 0.5 is symmetric, so Liger's and rba's beta conventions agree here.
@@ -244,7 +247,8 @@ def _timing_worker(specs: list[Spec]) -> dict:
     """Step time of every peer of one op, measured round-robin in this one process.
 
     On a shared machine the available CPU drifts by several times within a minute; taking the
-    peers' steps in turn and keeping each one's fastest puts them under the same conditions.
+    peers' steps in turn and keeping each one's median puts them under the same conditions (a
+    single lucky step cannot decide a ratio).
     """
     runs, out = {}, {}
     for spec in specs:
@@ -264,7 +268,7 @@ def _timing_worker(specs: list[Spec]) -> dict:
             for leaf in leaves:
                 leaf.grad = None
     for peer, (_, _, times) in runs.items():
-        out[peer] = {"time_s": min(times)}
+        out[peer] = {"time_s": statistics.median(times)}
     return out
 
 
