@@ -52,7 +52,7 @@ Messages = list[dict[str, Any]]
 
 
 def default_adapter_config(encoder: WhisperEncoder, llm: LlamaForCausalLM) -> AudioAdapterConfig:
-    """Ultravox-style projector: stack 8 encoder frames (12.5 embeddings per second of audio),
+    """Ultravox-style projector: stack 8 encoder frames (6.25 embeddings per second of audio),
     SwiGLU, hidden width = the LLM's width."""
     return AudioAdapterConfig(encoder_dim=encoder.config.d_model,
                               llm_dim=llm.config.hidden_size,

@@ -92,7 +92,8 @@ def test_read_rows_repeat_the_sentence_in_train_voices_and_resume(tmp_path, monk
         run_read(config(out), source=source, tts=ToneTTS())
     monkeypatch.setattr(dataset_module.DatasetWriter, "add", original_add)
     assert len(read_manifest(out)) == 2
-    run_read(config(out), source=source, tts=ToneTTS())
+    summary = run_read(config(out), source=source, tts=ToneTTS())
+    assert summary["tasks"]["read"]["filters"] == reference["tasks"]["read"]["filters"]
     resumed = read_manifest(out)
     for key in ("id", "instruction", "voice", "audio"):
         assert [r[key] for r in resumed] == [r[key] for r in rows]

@@ -131,9 +131,10 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
                     "spoken_text": normalize_for_speech(item.instruction),
                     "candidate": item.candidate, "source": source_id,
                 }, wave)
-                filters["accepted"] += 1
                 bar.update(1)
         bar.close()
+        # The other counts are recomputed over all sentences each run; so is this one.
+        filters["accepted"] = writer.count(READ_TASK)
         state["tasks"][READ_TASK] = {"config": config.fixed(), "filters": dict(filters),
                                      "source": str(source)}
         writer.save_state(state)
