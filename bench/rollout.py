@@ -3,7 +3,8 @@
     python bench/rollout.py [--model FOLDER] [--groups 4 8] [--prompt-len 256] [--new-tokens 64]
 
 (a) group rollouts: tokens/s of RolloutEngine.generate against transformers' generate with
-    num_return_sequences=G (same weights, dtype, sampling settings, fixed length);
+    num_return_sequences=G (same weights, dtype, threads, sampling settings, fixed length),
+    medians of interleaved repeats;
 (b) K/V memory of the shared layout against one prompt copy per sample;
 (c) scoring G continuations against G independent full forwards;
 (d) a training forward + backward with and without the shared prefix.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -20,17 +22,17 @@ import torch
 
 
 def timed_pair(first, second, repeats: int) -> tuple[float, float]:
-    """Best wall times (seconds) of two functions after one warm-up each, run alternately so
+    """Median wall times (seconds) of two functions after one warm-up each, run alternately so
     that load from other processes on a shared machine hits both alike."""
     first()
     second()
-    best = [float("inf"), float("inf")]
+    times: list[list[float]] = [[], []]
     for _ in range(repeats):
         for i, fn in enumerate((first, second)):
             start = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1]
+            times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def make_prompt(folder, length: int) -> torch.Tensor:
@@ -138,7 +140,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--parts", default="abcd", help="which of the parts a-d to run")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -172,6 +174,14 @@ def main() -> None:
     print(f"model {folder}, prompt {P} tokens, {T} new tokens, float32, "
           f"{torch.get_num_threads()} threads, device cpu")
 
+    if "a" in args.parts:
+        # Paid again whenever the weights change (each RL step), not in the timings below.
+        from rba_core.models.packed import PackedProjections
+
+        start = time.perf_counter()
+        PackedProjections(model)
+        add("(a) packed weight copies", "built once per weight change",
+            f"{time.perf_counter() - start:.2f} s", "not in the rollout times")
     for G in args.groups:
         if "a" in args.parts or "b" in args.parts:
             rollout_part(args, G, P, T, prompt, engine, sampling, hf, add, ratios)
@@ -179,7 +189,6 @@ def main() -> None:
             scoring_part(args, G, P, T, prompt, model, engine, add, ratios)
         if "d" in args.parts:
             training_part(args, G, P, T, prompt, model, add, ratios)
-
 
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     header = ("case", "compared", "value", "note")
