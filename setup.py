@@ -28,6 +28,8 @@ def native_extensions():
     if not sources:
         return [], {}
     openmp = ["-fopenmp"] if os.name != "nt" else ["/openmp"]
+    # -fno-trapping-math (torch's own setting) lets the row passes' loops vectorise.
+    vectorise = ["-fno-trapping-math"] if os.name != "nt" else []
     link_args = list(openmp)
     if os.name != "nt":
         # Record torch's library folder so `import rba_core._C` finds libc10 / libtorch even
@@ -38,7 +40,7 @@ def native_extensions():
     extension = CppExtension(
         name="rba_core._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", *openmp]},
+        extra_compile_args={"cxx": ["-O3", *vectorise, *openmp]},
         extra_link_args=link_args,
     )
     return [extension], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}

@@ -10,11 +10,10 @@
 The teacher is a constant: its tensors are detached, so a teacher whose parameters still have
 requires_grad=True gets no gradient and keeps no graph alive.
 
-On the native CPU backend with reduction "mean" or "sum" and kind reverse_kl or jsd, when a
-gradient is needed, the loss is
-a scalar, so the C++ op computes the student's gradients in the forward pass itself, one chunk
-of rows at a time (_DistillFusedLoss): eager PyTorch's GEMM count, no recompute. The autograd
-backward only scales the stored gradients.
+On the native CPU backend with reduction "mean" or "sum" (every kind), when a gradient is
+needed, the loss is a scalar, so the C++ op computes the student's gradients in the forward pass
+itself, one chunk of rows at a time (_DistillFusedLoss): eager PyTorch's GEMM count, no
+recompute. The autograd backward only scales the stored gradients.
 """
 from __future__ import annotations
 
@@ -226,9 +225,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     if s_rows.shape[0] == 0:
         # Nothing counts: the PyTorch path returns the empty rows without launching anything.
         impl = _reference
-    # Forward KL keeps the recompute path: at N=2048, V=49152 it measured 1.01x eager against
-    # 2.11x for distill_fused (bench/kernels.py, 2026-11-28); JSD went 1.52x -> 1.25x fused.
-    fused = (reduction != "none" and kind != "forward_kl" and hasattr(impl, "distill_fused")
+    fused = (reduction != "none" and hasattr(impl, "distill_fused")
              and torch.is_grad_enabled()
              and (s_rows.requires_grad or student_weight.requires_grad))
     if fused:

@@ -9,8 +9,10 @@ fallback.
 
 The four backend functions share the signatures of the Triton and PyTorch backends (see the
 kernel contract): every tensor is CPU, 2-D inputs contiguous, rows already compacted to valid
-tokens. Each walks rows in chunks and the vocabulary in blocks, so the largest temporary is one
-``[rows, vocab]`` fp32 tile (:func:`tile_sizes` changes it) instead of ``[N, V]`` logits.
+tokens. Each walks rows in chunks with one full-vocabulary logits GEMM per chunk, so the largest
+temporary is one ``[rows, V]`` fp32 tile (:func:`tile_sizes` changes the rows) instead of
+``[N, V]`` logits. The scalar losses use ``token_scores_chunk_forward`` / ``_backward`` and
+``distill_fused`` to compute their gradients in the forward.
 """
 from __future__ import annotations
 
@@ -34,8 +36,7 @@ __all__ = [
     "token_scores_backward",
     "distill_forward",
     "distill_backward",
-    "fused_tile",
-    "fused_rows",
+    "chunk_rows",
     "token_scores_chunk_forward",
     "token_scores_chunk_backward",
     "distill_fused",
@@ -43,13 +44,7 @@ __all__ = [
 
 # Must equal kAbiVersion in csrc/fused_linear_cpu.cpp; a prebuilt module from older sources is
 # rebuilt just in time instead of being called with the wrong contract.
-ABI_VERSION = 2
-
-# Elements of one [rows, V] logits tile in the gradient-in-forward ops (12 * 2**20 fp32 = 48 MiB,
-# 256 rows at V = 49152). The policy loss holds one such tile at a time and distillation two
-# (plus [rows, 4096] blocks), a few percent of eager PyTorch's [N, V] logits and gradient. Fewer
-# rows cost time: MKL's GEMMs with 85-128 rows ran 10-60% slower than with 256 on this CPU.
-_FUSED_TILE_ELEMENTS = [12 << 20]
+ABI_VERSION = 3
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "module": None, "source": None, "reason": None}
@@ -97,7 +92,7 @@ def _try_jit() -> tuple[Optional[ModuleType], str]:
         module = load(
             name="rba_native",
             sources=sources,
-            extra_cflags=["-O3", "-fopenmp"],
+            extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(csrc)],
             build_directory=str(_cache_dir()),
@@ -173,7 +168,9 @@ def _ops() -> ModuleType:
 
 @contextlib.contextmanager
 def tile_sizes(rows: int, vocab: int) -> Iterator[None]:
-    """Temporarily set the logits tile to [rows, vocab] (process-wide; default [256, 4096])."""
+    """Temporarily set the rows per chunk (0: automatic, 12 * 2**20 // V rounded down to a
+    multiple of 64) and the vocabulary block in which 16-bit weights are converted to fp32
+    (default 4096); process-wide."""
     ops = _ops()
     old = ops.get_tile_sizes()
     ops.set_tile_sizes(int(rows), int(vocab))
@@ -181,6 +178,11 @@ def tile_sizes(rows: int, vocab: int) -> Iterator[None]:
         yield
     finally:
         ops.set_tile_sizes(*old)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk of every op for a vocabulary of `vocab` entries (256 at V = 49152)."""
+    return _ops().chunk_rows(int(vocab))
 
 
 def token_scores_forward(
@@ -252,27 +254,6 @@ def distill_backward(
     )
 
 
-@contextlib.contextmanager
-def fused_tile(elements: int) -> Iterator[None]:
-    """Temporarily set the logits tile of the gradient-in-forward ops to `elements` entries
-    (process-wide; default 12 * 2**20); the row chunk is then max(1, elements // V)."""
-    if int(elements) <= 0:
-        raise ValueError(f"fused_tile: elements must be positive, got {elements}")
-    old = _FUSED_TILE_ELEMENTS[0]
-    _FUSED_TILE_ELEMENTS[0] = int(elements)
-    try:
-        yield
-    finally:
-        _FUSED_TILE_ELEMENTS[0] = old
-
-
-def fused_rows(vocab: int) -> int:
-    """Rows per chunk of the gradient-in-forward ops for a vocabulary of `vocab` entries
-    (a multiple of 64 when at least 64: BLAS runs those shapes fastest)."""
-    rows = max(1, _FUSED_TILE_ELEMENTS[0] // max(int(vocab), 1))
-    return rows - rows % 64 if rows >= 64 else rows
-
-
 def token_scores_chunk_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -280,29 +261,31 @@ def token_scores_chunk_forward(
     ids: torch.Tensor,
     scale: float,
     with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """(logp, lse, entropy or None, logp_tile [rows, V]) of a row chunk, in the accumulation
-    dtype; logp_tile holds the full-vocabulary log-probs for token_scores_chunk_backward."""
+    logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(logp, lse, entropy or None) of one row chunk, in the accumulation dtype; the chunk's
+    logits are left in `logits` [rows, V] (accumulation dtype) for token_scores_chunk_backward."""
     return _ops().token_scores_chunk_forward(hidden, weight, bias, ids, float(scale),
-                                             bool(with_entropy))
+                                             bool(with_entropy), logits)
 
 
 def token_scores_chunk_backward(
-    logp_tile: torch.Tensor,
+    logits: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     ids: torch.Tensor,
     scale: float,
+    lse: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_hidden: torch.Tensor,
     grad_weight: Optional[torch.Tensor],
     grad_bias: Optional[torch.Tensor],
 ) -> None:
-    """Gradient of sum_r grad_logp[r] * logp[r] for one row chunk, from its logp_tile (which it
-    overwrites): writes grad_hidden [rows, D] and adds into grad_weight [V, D] and grad_bias [V]
-    when given (all in the accumulation dtype)."""
-    _ops().token_scores_chunk_backward(logp_tile, hidden, weight, bias, ids, float(scale),
+    """Gradient of sum_r grad_logp[r] * logp[r] for one row chunk, from the logits that
+    token_scores_chunk_forward left (overwritten): writes grad_hidden [rows, D] and adds into
+    grad_weight [V, D] and grad_bias [V] when given (all in the accumulation dtype)."""
+    _ops().token_scores_chunk_backward(logits, hidden, weight, bias, ids, float(scale), lse,
                                        grad_logp, grad_hidden, grad_weight, grad_bias)
 
 
@@ -321,5 +304,5 @@ def distill_fused(
     grad_scale * sum(loss_rows), gradients computed in the same pass over row chunks."""
     return _ops().distill_fused(
         s_hidden, s_weight, t_hidden, t_weight, float(temperature), str(kind), float(jsd_beta),
-        float(grad_scale), fused_rows(s_weight.shape[0]), bool(need_weight_grad),
+        float(grad_scale), bool(need_weight_grad),
     )

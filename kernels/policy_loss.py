@@ -12,10 +12,10 @@ CUDA and plain PyTorch on the CPU.
 
 On the native CPU backend, when a gradient is needed, the loss is a scalar, so its gradient is
 computed in the forward itself, one chunk of rows at a time (_FusedPolicyLossFn): the C++ op
-gives the chunk's log-probs and keeps its [rows, V] log-prob tile, the PyTorch PPO/KL terms
-below give d loss / d logp, and a second C++ op turns the tile into dz and runs the two gradient
-GEMMs. That is eager PyTorch's GEMM count (the recompute backward needs one more); the autograd
-backward only scales the stored gradients.
+gives the chunk's log-probs and leaves its [rows, V] logits in a buffer, the PyTorch PPO/KL
+terms below give d loss / d logp, and a second C++ op turns the logits into dz and runs the two
+gradient GEMMs. That is eager PyTorch's GEMM count (the recompute backward needs one more); the
+autograd backward only scales the stored gradients.
 """
 from __future__ import annotations
 
@@ -98,19 +98,20 @@ class _FusedPolicyLossFn(torch.autograd.Function):
         clipped = hidden.new_empty(n, dtype=torch.bool)
         valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
         loss = hidden.new_zeros((), dtype=acc)
-        rows = module.fused_rows(vocab)
+        rows = min(module.chunk_rows(vocab), max(n, 1))
+        # One logits buffer for all chunks: a fresh one per chunk costs page faults every time.
+        tile = hidden.new_empty((rows, vocab), dtype=acc)
         for r0 in range(0, n, rows):
             part = slice(r0, min(n, r0 + rows))
-            h, i = hidden[part], ids[part]
-            lp, ls, ent, tile = module.token_scores_chunk_forward(h, weight, bias, i, scale,
-                                                                  with_entropy)
+            h, i, z = hidden[part], ids[part], tile[:part.stop - r0]
+            lp, ls, ent = module.token_scores_chunk_forward(h, weight, bias, i, scale,
+                                                            with_entropy, z)
             loss_t, g, r, k, c = policy_loss_reference.policy_token_terms(
                 lp, old[part], None if ref is None else ref[part], adv[part], weights[part],
                 valid[part], **options)
             g = g.to(acc).contiguous()
-            module.token_scores_chunk_backward(tile, h, weight, bias, i, scale, g, grad_h[part],
-                                               grad_w, grad_b)
-            del tile
+            module.token_scores_chunk_backward(z, h, weight, bias, i, scale, ls, g,
+                                               grad_h[part], grad_w, grad_b)
             loss += loss_t.sum()
             logp[part], lse[part], grad_t[part], ratio[part], clipped[part] = lp, ls, g, r, c
             if with_entropy:

@@ -80,12 +80,12 @@ def oracle(hidden, weight, ids, advantages, old, ref, mask, *, beta, kl_estimato
 
 @contextlib.contextmanager
 def chunked(backend):
-    """On the native backend, 7-row chunks (the 22 valid tokens span 4, the last ragged) with
-    element-wise steps of 16 * 64 // 203 = 5 rows (ragged)."""
+    """On the native backend, 7-row chunks (the 22 valid tokens span 4, the last ragged) and
+    bf16 weights converted in 64-entry vocabulary blocks (203 = 3 * 64 + 11, ragged)."""
     if backend != "native":
         yield
         return
-    with native.fused_tile(7 * V), native.tile_sizes(16, 64):
+    with native.tile_sizes(7, 64):
         yield
 
 

@@ -187,6 +187,42 @@ def test_distill_matches_float64_reference(dtype, kind, threads):
     _close(gh_only, h.grad, grad_tol, f"{kind} grad_s_hidden without weight grad")
 
 
+def test_peaked_rows_where_most_probabilities_underflow():
+    """Logits spread over a few hundred, so most float32 exponentials fall below the smallest
+    normal float: the row passes' exp saturates there instead of underflowing, which must not
+    show in any output (nor give inf or NaN, e.g. log M of JSD where both distributions vanish).
+    Float32 logits this large carry errors of about 1e-5 of the outputs' scale (the PyTorch
+    fallback's too; reverse KL's gradient P_S (g - loss) cancels terms of a few hundred), so
+    the bound is 5e-4: saturation gone wrong would be off by O(1)."""
+    tol = 5e-4
+    hidden, weight, bias, ids = _token_inputs(torch.float32)
+    weight = weight * 40
+    logp, lse, entropy = native.token_scores_forward(hidden, weight, bias, ids, 1.0, True)
+    h, w, b, ref_logp, ref_lse, ref_entropy = _token_reference(hidden, weight, bias, ids, 1.0)
+    for got, want, what in ((logp, ref_logp, "logp"), (lse, ref_lse, "lse"),
+                            (entropy, ref_entropy, "entropy")):
+        _close(got, want.detach(), tol, what)
+    grad_logp, grad_entropy = torch.randn(len(ids)), torch.randn(len(ids))
+    ((ref_logp * grad_logp.double()).sum() + (ref_entropy * grad_entropy.double()).sum()).backward()
+    gh, gw, gb = native.token_scores_backward(hidden, weight, bias, ids, 1.0, lse, entropy,
+                                              grad_logp, grad_entropy, True)
+    for got, want, what in ((gh, h.grad, "grad_hidden"), (gw, w.grad, "grad_weight"),
+                            (gb, b.grad, "grad_bias")):
+        _close(got, want, tol, what)
+
+    s_hidden, s_weight, t_hidden, t_weight = _distill_inputs(torch.float32)
+    inputs = (s_hidden, s_weight * 10, t_hidden, t_weight * 10)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        loss, s_lse, t_lse = native.distill_forward(*inputs, 0.5, kind, 0.5)
+        h, w, ref_rows, _, _ = _distill_reference(*inputs, 0.5, kind, 0.5)
+        _close(loss, ref_rows.detach(), tol, f"{kind} loss")
+        grad_rows = torch.rand(len(loss)) + 0.5
+        (ref_rows * grad_rows.double()).sum().backward()
+        gh, gw = native.distill_backward(*inputs, 0.5, kind, 0.5, s_lse, t_lse, grad_rows, True)
+        _close(gh, h.grad, tol, f"{kind} grad_s_hidden")
+        _close(gw, w.grad, tol, f"{kind} grad_s_weight")
+
+
 def test_distill_of_identical_distributions_is_zero():
     s_hidden, s_weight, _, _ = _distill_inputs(torch.float32)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
