@@ -28,11 +28,13 @@ class SharedPrefixKVCache:
                  dtype: torch.dtype, device: torch.device | str) -> "SharedPrefixKVCache":
         prefix_shape = (num_layers, num_prompts, num_kv_heads, max_prompt_len, head_dim)
         suffix_shape = (num_layers, num_rows, num_kv_heads, max_new_tokens, head_dim)
+        # Zeros, not empty: attention reads slots past a prompt's or sample's length (masked to
+        # probability 0), and 0 * NaN from uninitialised memory would still poison the output.
         return cls(
-            prefix_k=torch.empty(prefix_shape, dtype=dtype, device=device),
-            prefix_v=torch.empty(prefix_shape, dtype=dtype, device=device),
-            suffix_k=torch.empty(suffix_shape, dtype=dtype, device=device),
-            suffix_v=torch.empty(suffix_shape, dtype=dtype, device=device),
+            prefix_k=torch.zeros(prefix_shape, dtype=dtype, device=device),
+            prefix_v=torch.zeros(prefix_shape, dtype=dtype, device=device),
+            suffix_k=torch.zeros(suffix_shape, dtype=dtype, device=device),
+            suffix_v=torch.zeros(suffix_shape, dtype=dtype, device=device),
             prefix_lens=torch.zeros(num_prompts, dtype=torch.long, device=device),
         )
 
