@@ -8,6 +8,12 @@ The ``untrained`` line is a freshly initialised adapter (seeded); the ``teacher 
 scores the manifest answers themselves under the teacher: the reference the SpeechLM can at
 best reach (its chrF is 100 by construction).
 
+The teacher's log-probability rewards predictable text, and an answer stuck in a loop ("The
+answer to this question is: The answer to this question is: ...") is very predictable: such an
+answer can out-score the teacher's own. So the table also gives the share of answers caught by
+the synthesis loop filter (``rba_core.synth.text.repetition_reason``); read the log-prob column
+beside it, and chrF (content overlap with the teacher's answer) as the main measure.
+
     python bench/eval_speechlm.py --data /work/data/speech --untrained --teacher-line \
         --adapter sft=runs/sft/adapter --adapter kd=runs/kd/adapter
 
@@ -62,6 +68,14 @@ def _teacher_reference(slm: Any, teacher: Any, dataset: Any, indices: list[int],
         "teacher_logprob": sum(r["teacher_logprob"] for r in rows) / n,
         "chrf": 100.0 if rows else 0.0,
         "answer_tokens": sum(r["answer_tokens"] for r in rows) / n}}
+
+
+def _looping_share(rows: list[dict[str, Any]]) -> float:
+    """Share of answers the synthesis filter calls a repetition loop."""
+    from rba_core.synth.text import repetition_reason
+
+    answers = [r.get("answer", r.get("reference", "")) for r in rows]
+    return sum(repetition_reason(a) is not None for a in answers) / max(len(answers), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSplit {args.split!r} of {args.data}: {len(indices)} rows, greedy answers, "
           f"at most {args.max_new_tokens} new tokens\n")
     print("| model | teacher log-prob / token (higher is better) | chrF vs teacher | "
-          "answer tokens |")
-    print("|---|---|---|---|")
+          "answer tokens | looping answers |")
+    print("|---|---|---|---|---|")
     for name, res in results.items():
         s = res["summary"]
+        s["looping"] = _looping_share(res["rows"])
         print(f"| {name} | {s['teacher_logprob']:.3f} | {s['chrf']:.1f} | "
-              f"{s['answer_tokens']:.1f} |")
+              f"{s['answer_tokens']:.1f} | {100 * s['looping']:.0f}% |")
 
     by_id = {name: {r["id"]: r for r in res["rows"]} for name, res in results.items()}
     manifest_rows = {str(dataset.rows[i]["id"]): dataset.rows[i] for i in indices}
