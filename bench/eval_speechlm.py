@@ -12,7 +12,10 @@ The teacher's log-probability rewards predictable text, and an answer stuck in a
 answer to this question is: The answer to this question is: ...") is very predictable: such an
 answer can out-score the teacher's own. So the table also gives the share of answers caught by
 the synthesis loop filter (``rba_core.synth.text.repetition_reason``); read the log-prob column
-beside it, and chrF (content overlap with the teacher's answer) as the main measure.
+beside it, and chrF (content overlap with the teacher's answer) as the main measure. The
+"on topic" column is the share of answers that use at least one content word of the spoken
+question (words of 3+ letters outside a short stop list): a crude check that the answer is
+about what was said.
 
     python bench/eval_speechlm.py --data /work/data/speech --untrained --teacher-line \
         --adapter sft=runs/sft/adapter --adapter kd=runs/kd/adapter
@@ -76,6 +79,26 @@ def _looping_share(rows: list[dict[str, Any]]) -> float:
 
     answers = [r.get("answer", r.get("reference", "")) for r in rows]
     return sum(repetition_reason(a) is not None for a in answers) / max(len(answers), 1)
+
+
+# Function words and question words that say nothing about a question's topic.
+_STOP_WORDS = frozenset(
+    "the and for are was with from this that what which who whom whose where when why how many "
+    "much does did can could you your our their will would should there here about into than "
+    "then not yes have has had make give tell best most some any".split())
+
+
+def _content_words(text: str) -> set[str]:
+    import re
+
+    return {w for w in re.findall(r"[a-z']+", text.lower()) if len(w) > 2 and w not in _STOP_WORDS}
+
+
+def _on_topic_share(rows: list[dict[str, Any]], questions: dict[str, str]) -> float:
+    """Share of answers sharing a content word with their spoken question."""
+    hits = [bool(_content_words(questions[r["id"]]) & _content_words(r["answer"]))
+            for r in rows if r["id"] in questions]
+    return sum(hits) / max(len(hits), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,14 +177,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nSplit {args.split!r} of {args.data}: {len(indices)} rows, greedy answers, "
           f"at most {args.max_new_tokens} new tokens\n")
+    questions = {str(row["id"]): row["instruction"] for row in dataset.rows}
     print("| model | teacher log-prob / token (higher is better) | chrF vs teacher | "
-          "answer tokens | looping answers |")
-    print("|---|---|---|---|---|")
+          "answer tokens | looping answers | on topic |")
+    print("|---|---|---|---|---|---|")
     for name, res in results.items():
         s = res["summary"]
         s["looping"] = _looping_share(res["rows"])
+        s["on_topic"] = _on_topic_share(res["rows"], questions)
         print(f"| {name} | {s['teacher_logprob']:.3f} | {s['chrf']:.1f} | "
-              f"{s['answer_tokens']:.1f} | {100 * s['looping']:.0f}% |")
+              f"{s['answer_tokens']:.1f} | {100 * s['looping']:.0f}% | "
+              f"{100 * s['on_topic']:.0f}% |")
 
     by_id = {name: {r["id"]: r for r in res["rows"]} for name, res in results.items()}
     manifest_rows = {str(dataset.rows[i]["id"]): dataset.rows[i] for i in indices}
