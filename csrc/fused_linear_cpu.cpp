@@ -8,6 +8,12 @@
 // grad_hidden[chunk] = dz @ W and grad_weight += dz^T @ h[chunk]. The largest temporary is that
 // [rows, V] tile (rows: see chunk_rows), never [N, V] logits.
 //
+// The token-score ops (token_scores_forward / _backward) instead walk each row chunk's
+// vocabulary in blocks through a [rows, vb] tile, merging online softmax statistics across
+// blocks; see token_rows for why. Their autograd pair (_keep / _kept) keeps the last blocks of
+// logits from the forward so the backward, which cannot know its weights earlier, recomputes
+// fewer: eager PyTorch needs three GEMMs, a recomputing backward four.
+//
 // Threading: the GEMMs use all of torch's intra-op threads (MKL), and the row passes split the
 // chunk's rows over them with at::parallel_for. Results do not depend on the thread count beyond
 // BLAS's own summation order.
@@ -25,20 +31,23 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace {
 
 // Bumped whenever an op's signature or meaning changes, so kernels/native.py can refuse a stale
 // prebuilt module and rebuild from source instead.
-constexpr int64_t kAbiVersion = 3;
+constexpr int64_t kAbiVersion = 4;
 
 // Elements of the default [rows, V] logits tile: 12 * 2**20 fp32 = 48 MiB, 256 rows at
 // V = 49152. Distillation holds two tiles. Fewer rows cost time: MKL's GEMMs with 85-128 rows
 // ran 10-60% slower than with 256 on the build machine.
 constexpr int64_t kTileElements = int64_t{12} << 20;
 
-// Rows per chunk (0: derived from kTileElements and V) and vocabulary entries per block when
-// 16-bit weights are converted to fp32 (one block at a time, never a full fp32 copy).
+// Rows per chunk (0: derived from kTileElements and V, or for the token-score ops from
+// kTileElements and the vocabulary block) and vocabulary entries per block: the token-score ops'
+// blocks, and elsewhere the blocks in which 16-bit weights are converted to fp32 (one block at a
+// time, never a full fp32 copy).
 std::atomic<int64_t> g_rows_chunk{0};
 std::atomic<int64_t> g_vocab_block{4096};
 
@@ -228,8 +237,9 @@ RBA_ROW_PASS void row_token_stats(const T* z, int64_t n, int64_t id, T* lse, T* 
   *logp = (z[id] - l.max) - l.log_sum;
 }
 
-// dz of one row in place of its logits: scale * (g (1[v = id] - p_v) - ge p_v (log p_v + H))
-// for the objective g * logp[id] + ge * H.
+// dz of one row (or of one vocabulary block of it) in place of its logits:
+// scale * (g (1[v = id] - p_v) - ge p_v (log p_v + H)) for the objective g * logp[id] + ge * H.
+// id outside [0, n): the target lies in another block.
 template <typename T>
 RBA_ROW_PASS void row_token_grad(T* z, int64_t n, int64_t id, T lse, T entropy, T g, T ge,
                                  T scale) {
@@ -238,7 +248,36 @@ RBA_ROW_PASS void row_token_grad(T* z, int64_t n, int64_t id, T lse, T entropy, 
     const T lp = z[v] - lse;
     z[v] = -scale * fast_exp(lp) * (g + ge * (lp + entropy));
   }
-  z[id] += scale * g;
+  if (id >= 0 && id < n) z[id] += scale * g;
+}
+
+// Online softmax statistics of one row over vocabulary blocks: the running max m, s = sum
+// exp(z - m) and (when t is kept) t = sum exp(z - m) (z - m), merged with one block of n
+// logits. s == 0 marks a row no block has reached yet (afterwards s >= 1: the max contributes 1).
+template <typename T>
+RBA_ROW_PASS void row_block_stats(const T* z, int64_t n, bool with_t, T* m, T* s, T* t) {
+  const T mb = row_max(z, n);
+  T sb = 0, tb = 0;
+  if (with_t) {
+#pragma omp simd reduction(+ : sb, tb)
+    for (int64_t v = 0; v < n; ++v) {
+      const T d = z[v] - mb, e = fast_exp(d);
+      sb += e;
+      tb += e * d;
+    }
+  } else {
+#pragma omp simd reduction(+ : sb)
+    for (int64_t v = 0; v < n; ++v) sb += fast_exp(z[v] - mb);
+  }
+  if (*s == 0) {
+    *m = mb, *s = sb, *t = tb;
+    return;
+  }
+  // Rescaled to the new max M: sum e^(z - M) (z - M) = e^(m - M) (t + s (m - M)).
+  const T mx = std::max(*m, mb), a = std::exp(*m - mx), b = std::exp(mb - mx);
+  *t = a * (*t + *s * (*m - mx)) + b * (tb + sb * (mb - mx));
+  *s = a * *s + b * sb;
+  *m = mx;
 }
 
 enum class Kind { ForwardKl, ReverseKl, Jsd };
@@ -412,37 +451,194 @@ void chunk_token_grads(at::Tensor& z, const at::Tensor& h32, const at::Tensor& w
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, OptTensor> token_scores_forward(
+namespace {
+
+// Elements of the logits kept from a token-score forward for its backward (96 MiB in fp32).
+constexpr int64_t kKeepElements = int64_t{24} << 20;
+
+// Rows per chunk of the token-score ops. They walk each chunk's vocabulary in blocks of
+// vb = vocab_block() entries through one [rows, vb] tile with online softmax statistics, so no
+// full vocabulary row is held and a chunk can have many rows: on the build machine GEMMs of 2048
+// rows by 4096-entry blocks ran 10-15% faster than 256-row full-vocabulary ones, and each block
+// of grad_weight is written once instead of accumulated chunk by chunk.
+int64_t token_rows(int64_t n) {
+  const int64_t set = g_rows_chunk.load();
+  const int64_t rows = set > 0 ? set : std::max<int64_t>(1, kTileElements / vocab_block());
+  return std::min(rows, std::max<int64_t>(n, 1));
+}
+
+// The [rows, cols] front of tile i of tiles [k, rc, vb], contiguous.
+at::Tensor tile_view(const at::Tensor& tiles, int64_t i, int64_t rows, int64_t cols) {
+  return tiles[i].view(-1).narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Tiles whose logits a forward keeps for its backward (the last row chunk's last blocks), so
+// the backward recomputes fewer: at most kKeepElements and a quarter of the [N, V] logits (eager
+// PyTorch holds three times [N, V] at its peak, so this stays under a tenth of that), at least
+// the one working tile.
+int64_t kept_tiles(int64_t n, int64_t vocab, int64_t rc, int64_t vb, int64_t blocks) {
+  const int64_t budget = std::min(kKeepElements, n * vocab / 4);
+  return std::clamp<int64_t>(budget / (rc * vb), 1, blocks);
+}
+
+// z [rows, v1 - v0] = (h32 w32^T + b[v0:v1]) * scale, w32 being W[v0:v1] in h32's dtype.
+void block_logits(at::Tensor& z, const at::Tensor& h32, const at::Tensor& w32,
+                  const OptTensor& bias, int64_t v0, int64_t v1, double scale) {
+  if (bias.has_value()) {
+    at::addmm_out(z, as_acc(bias->slice(0, v0, v1), h32.scalar_type()), h32, w32.t(), scale,
+                  scale);
+  } else {
+    // beta = 0: the tile's old contents are not read.
+    at::addmm_out(z, z, h32, w32.t(), 0.0, scale);
+  }
+}
+
+// Block b of `blocks` of the last row chunk sits in its own kept tile when among the last k;
+// every other block uses tile 0.
+int64_t tile_slot(bool last_chunk, int64_t b, int64_t blocks, int64_t k) {
+  return last_chunk && b >= blocks - k ? b - (blocks - k) : 0;
+}
+
+// logp, lse and entropy (with_entropy) of every row; with keep, also the tiles [k, rc, vb]
+// holding the last row chunk's last k blocks of logits, for token_backward_pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_forward_pass(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
-    const at::Tensor& ids, double scale, bool with_entropy) {
-  const char* op = "token_scores_forward";
-  check_token_inputs(hidden, weight, bias, ids, scale, op);
+    const at::Tensor& ids, double scale, bool with_entropy, bool keep) {
   at::NoGradGuard no_grad;
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   const at::ScalarType acc = acc_type(hidden);
   const auto acc_opts = hidden.options().dtype(acc);
   at::Tensor logp = at::empty({n}, acc_opts), lse = at::empty({n}, acc_opts);
   at::Tensor entropy = with_entropy ? at::empty({n}, acc_opts) : at::Tensor();
-  const int64_t rc = std::min(chunk_rows(vocab), n);
-  at::Tensor tile = at::empty({rc, vocab}, acc_opts);
+  // Per row: running max, sum and entropy sum (row_block_stats) and the target's logit.
+  at::Tensor run_m = at::empty({n}, acc_opts), run_s = at::zeros({n}, acc_opts);
+  at::Tensor run_t = at::zeros({n}, acc_opts), z_id = at::empty({n}, acc_opts);
+  const int64_t rc = token_rows(n), vb = std::min(vocab_block(), vocab);
+  const int64_t blocks = (vocab + vb - 1) / vb, last_r0 = n > 0 ? (n - 1) / rc * rc : 0;
+  const int64_t k = keep ? kept_tiles(n, vocab, rc, vb, blocks) : 1;
+  at::Tensor tiles = at::empty({k, rc, vb}, acc_opts);
+  const int64_t* ip = ids.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < n; r0 += rc) {
-    const int64_t r1 = std::min(n, r0 + rc);
-    at::Tensor z = tile.slice(0, 0, r1 - r0);
-    chunk_token_stats(z, as_acc(hidden.slice(0, r0, r1), acc), weight, bias,
-                      ids.slice(0, r0, r1), scale, lse.slice(0, r0, r1),
-                      logp.slice(0, r0, r1),
-                      with_entropy ? entropy.slice(0, r0, r1) : at::Tensor());
+    const int64_t r1 = std::min(n, r0 + rc), rows = r1 - r0;
+    const at::Tensor h32 = as_acc(hidden.slice(0, r0, r1), acc);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t v0 = b * vb, v1 = std::min(vocab, v0 + vb), bw = v1 - v0;
+      at::Tensor z = tile_view(tiles, tile_slot(r0 == last_r0, b, blocks, k), rows, bw);
+      block_logits(z, h32, as_acc(weight.slice(0, v0, v1), acc), bias, v0, v1, scale);
+      AT_DISPATCH_FLOATING_TYPES(acc, "token_forward_pass", [&] {
+        const scalar_t* zp = z.data_ptr<scalar_t>();
+        scalar_t* mp = run_m.data_ptr<scalar_t>() + r0;
+        scalar_t* sp = run_s.data_ptr<scalar_t>() + r0;
+        scalar_t* tp = run_t.data_ptr<scalar_t>() + r0;
+        scalar_t* ztp = z_id.data_ptr<scalar_t>() + r0;
+        for_rows(rows, [&](int64_t r) {
+          const scalar_t* zr = zp + r * bw;
+          row_block_stats(zr, bw, with_entropy, mp + r, sp + r, tp + r);
+          const int64_t id = ip[r0 + r] - v0;
+          if (id >= 0 && id < bw) ztp[r] = zr[id];
+        });
+      });
+    }
   }
-  return {logp, lse, with_entropy ? OptTensor(entropy) : OptTensor()};
+  AT_DISPATCH_FLOATING_TYPES(acc, "token_forward_pass", [&] {
+    const scalar_t *mp = run_m.data_ptr<scalar_t>(), *sp = run_s.data_ptr<scalar_t>();
+    const scalar_t *tp = run_t.data_ptr<scalar_t>(), *ztp = z_id.data_ptr<scalar_t>();
+    scalar_t *lp = lse.data_ptr<scalar_t>(), *gp = logp.data_ptr<scalar_t>();
+    scalar_t* ep = with_entropy ? entropy.data_ptr<scalar_t>() : nullptr;
+    for (int64_t r = 0; r < n; ++r) {
+      // Kept apart from the max, as in row_token_stats, so large logits keep their precision.
+      const scalar_t log_sum = std::log(sp[r]);
+      lp[r] = mp[r] + log_sum;
+      gp[r] = (ztp[r] - mp[r]) - log_sum;
+      if (ep) ep[r] = log_sum - tp[r] / sp[r];
+    }
+  });
+  return {logp, lse, entropy, keep ? tiles : at::Tensor()};
 }
 
-std::tuple<at::Tensor, OptTensor, OptTensor> token_scores_backward(
+// The gradients of sum_r grad_logp[r] logp[r] + grad_entropy[r] entropy[r] by the same walk;
+// `kept` (token_forward_pass's tiles, overwritten) spares recomputing those blocks.
+std::tuple<at::Tensor, OptTensor, OptTensor> token_backward_pass(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
     const at::Tensor& ids, double scale, const at::Tensor& lse, const OptTensor& entropy,
-    const at::Tensor& grad_logp, const OptTensor& grad_entropy, bool need_weight_grad) {
-  const char* op = "token_scores_backward";
-  check_token_inputs(hidden, weight, bias, ids, scale, op);
+    const at::Tensor& grad_logp, const OptTensor& grad_entropy, bool need_weight_grad,
+    const at::Tensor& kept) {
+  at::NoGradGuard no_grad;
   const int64_t n = hidden.size(0), d = hidden.size(1), vocab = weight.size(0);
+  const at::ScalarType acc = acc_type(hidden);
+  const auto acc_opts = hidden.options().dtype(acc);
+  const bool use_entropy = grad_entropy.has_value();
+  const bool want_bias = need_weight_grad && bias.has_value();
+  at::Tensor grad_h = at::zeros({n, d}, acc_opts);
+  at::Tensor grad_w = need_weight_grad ? at::empty({vocab, d}, acc_opts) : at::Tensor();
+  at::Tensor grad_b = want_bias ? at::zeros({vocab}, acc_opts) : at::Tensor();
+  // Kept tiles fix the tiling the forward used.
+  const int64_t k = kept.defined() ? kept.size(0) : 0;
+  const int64_t rc = kept.defined() ? kept.size(1) : token_rows(n);
+  const int64_t vb = kept.defined() ? kept.size(2) : std::min(vocab_block(), vocab);
+  at::Tensor tiles = kept.defined() ? kept : at::empty({1, rc, vb}, acc_opts);
+  const int64_t blocks = (vocab + vb - 1) / vb, last_r0 = n > 0 ? (n - 1) / rc * rc : 0;
+  // With kept tiles the last row chunk goes first, its kept blocks before the others, so tile 0
+  // is free for recomputing by the time a block needs it.
+  std::vector<int64_t> chunk_order, block_order;
+  if (k > 0) chunk_order.push_back(last_r0);
+  for (int64_t r0 = 0; r0 < n; r0 += rc) {
+    if (k == 0 || r0 != last_r0) chunk_order.push_back(r0);
+  }
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  bool first_chunk = true;
+  for (const int64_t r0 : chunk_order) {
+    const int64_t r1 = std::min(n, r0 + rc), rows = r1 - r0;
+    const bool last = r0 == last_r0;
+    const int64_t skip = last ? k : 0;
+    block_order.clear();
+    for (int64_t b = blocks - skip; b < blocks; ++b) block_order.push_back(b);
+    for (int64_t b = 0; b < blocks - skip; ++b) block_order.push_back(b);
+    const at::Tensor h32 = as_acc(hidden.slice(0, r0, r1), acc);
+    at::Tensor gh = grad_h.slice(0, r0, r1);
+    for (const int64_t b : block_order) {
+      const int64_t v0 = b * vb, v1 = std::min(vocab, v0 + vb), bw = v1 - v0;
+      const at::Tensor w32 = as_acc(weight.slice(0, v0, v1), acc);
+      at::Tensor z = tile_view(tiles, tile_slot(last, b, blocks, k), rows, bw);
+      if (b < blocks - skip) block_logits(z, h32, w32, bias, v0, v1, scale);
+      AT_DISPATCH_FLOATING_TYPES(acc, "token_backward_pass", [&] {
+        scalar_t* zp = z.data_ptr<scalar_t>();
+        const scalar_t *lp = lse.data_ptr<scalar_t>() + r0, *gp = grad_logp.data_ptr<scalar_t>() + r0;
+        const scalar_t* ep = use_entropy ? entropy->data_ptr<scalar_t>() + r0 : nullptr;
+        const scalar_t* gep = use_entropy ? grad_entropy->data_ptr<scalar_t>() + r0 : nullptr;
+        for_rows(rows, [&](int64_t r) {
+          row_token_grad<scalar_t>(zp + r * bw, bw, ip[r0 + r] - v0, lp[r], ep ? ep[r] : 0,
+                                   gp[r], gep ? gep[r] : 0, static_cast<scalar_t>(scale));
+        });
+      });
+      gh.addmm_(z, w32);
+      if (grad_w.defined()) {
+        at::Tensor gw = grad_w.slice(0, v0, v1);
+        if (first_chunk) {
+          at::mm_out(gw, z.t(), h32);
+        } else {
+          gw.addmm_(z.t(), h32);
+        }
+      }
+      if (grad_b.defined()) grad_b.slice(0, v0, v1).add_(z.sum(0));
+    }
+    first_chunk = false;
+  }
+  // No rows: nothing wrote grad_weight, whose gradient is zero.
+  if (first_chunk && grad_w.defined()) grad_w.zero_();
+  OptTensor out_w, out_b;
+  if (need_weight_grad) out_w = grad_w.to(weight.scalar_type());
+  if (want_bias) out_b = grad_b.to(bias->scalar_type());
+  return {grad_h.to(hidden.scalar_type()), out_w, out_b};
+}
+
+void check_token_backward_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const OptTensor& bias, const at::Tensor& ids, double scale,
+                                 const at::Tensor& lse, const OptTensor& entropy,
+                                 const at::Tensor& grad_logp, const OptTensor& grad_entropy,
+                                 const char* op) {
+  check_token_inputs(hidden, weight, bias, ids, scale, op);
+  const int64_t n = hidden.size(0);
   const at::ScalarType acc = acc_type(hidden);
   check_row_vector(lse, n, acc, op, "lse");
   check_row_vector(grad_logp, n, acc, op, "grad_logp");
@@ -453,30 +649,57 @@ std::tuple<at::Tensor, OptTensor, OptTensor> token_scores_backward(
                       "run token_scores_forward with with_entropy=True");
   }
   if (entropy.has_value()) check_row_vector(*entropy, n, acc, op, "entropy");
-  at::NoGradGuard no_grad;
-  const bool use_entropy = grad_entropy.has_value();
-  const bool want_bias = need_weight_grad && bias.has_value();
-  const auto acc_opts = hidden.options().dtype(acc);
-  at::Tensor grad_h = at::empty({n, d}, acc_opts);
-  at::Tensor grad_w = need_weight_grad ? at::zeros({vocab, d}, acc_opts) : at::Tensor();
-  at::Tensor grad_b = want_bias ? at::zeros({vocab}, acc_opts) : at::Tensor();
-  const int64_t rc = std::min(chunk_rows(vocab), n);
-  at::Tensor tile = at::empty({rc, vocab}, acc_opts);
-  for (int64_t r0 = 0; r0 < n; r0 += rc) {
-    const int64_t r1 = std::min(n, r0 + rc);
-    at::Tensor z = tile.slice(0, 0, r1 - r0);
-    at::Tensor h32 = as_acc(hidden.slice(0, r0, r1), acc);
-    chunk_logits(z, h32, weight, bias, scale);
-    chunk_token_grads(z, h32, weight, ids.slice(0, r0, r1), scale, lse.slice(0, r0, r1),
-                      use_entropy ? entropy->slice(0, r0, r1) : at::Tensor(),
-                      grad_logp.slice(0, r0, r1),
-                      use_entropy ? grad_entropy->slice(0, r0, r1) : at::Tensor(),
-                      grad_h.slice(0, r0, r1), grad_w, grad_b);
-  }
-  OptTensor out_w, out_b;
-  if (need_weight_grad) out_w = grad_w.to(weight.scalar_type());
-  if (want_bias) out_b = grad_b.to(bias->scalar_type());
-  return {grad_h.to(hidden.scalar_type()), out_w, out_b};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, OptTensor> token_scores_forward(
+    const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
+    const at::Tensor& ids, double scale, bool with_entropy) {
+  check_token_inputs(hidden, weight, bias, ids, scale, "token_scores_forward");
+  auto [logp, lse, entropy, kept] =
+      token_forward_pass(hidden, weight, bias, ids, scale, with_entropy, false);
+  return {logp, lse, with_entropy ? OptTensor(entropy) : OptTensor()};
+}
+
+// token_scores_forward that also returns the logits it keeps for token_scores_backward_kept.
+std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor> token_scores_forward_keep(
+    const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
+    const at::Tensor& ids, double scale, bool with_entropy) {
+  check_token_inputs(hidden, weight, bias, ids, scale, "token_scores_forward_keep");
+  auto [logp, lse, entropy, kept] =
+      token_forward_pass(hidden, weight, bias, ids, scale, with_entropy, true);
+  return {logp, lse, with_entropy ? OptTensor(entropy) : OptTensor(), kept};
+}
+
+std::tuple<at::Tensor, OptTensor, OptTensor> token_scores_backward(
+    const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
+    const at::Tensor& ids, double scale, const at::Tensor& lse, const OptTensor& entropy,
+    const at::Tensor& grad_logp, const OptTensor& grad_entropy, bool need_weight_grad) {
+  check_token_backward_inputs(hidden, weight, bias, ids, scale, lse, entropy, grad_logp,
+                              grad_entropy, "token_scores_backward");
+  return token_backward_pass(hidden, weight, bias, ids, scale, lse, entropy, grad_logp,
+                             grad_entropy, need_weight_grad, at::Tensor());
+}
+
+// token_scores_backward from token_scores_forward_keep's kept logits (overwritten: use once).
+std::tuple<at::Tensor, OptTensor, OptTensor> token_scores_backward_kept(
+    const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
+    const at::Tensor& ids, double scale, const at::Tensor& lse, const OptTensor& entropy,
+    const at::Tensor& grad_logp, const OptTensor& grad_entropy, bool need_weight_grad,
+    const at::Tensor& kept) {
+  const char* op = "token_scores_backward_kept";
+  check_token_backward_inputs(hidden, weight, bias, ids, scale, lse, entropy, grad_logp,
+                              grad_entropy, op);
+  check_cpu_contiguous(kept, op, "kept");
+  TORCH_CHECK_VALUE(kept.dim() == 3 && kept.scalar_type() == acc_type(hidden) &&
+                        kept.size(0) >= 1 && kept.size(1) >= 1 && kept.size(2) >= 1 &&
+                        kept.size(2) <= weight.size(0) &&
+                        kept.size(0) <= (weight.size(0) + kept.size(2) - 1) / kept.size(2),
+                    op, ": kept must be the tiles token_scores_forward_keep returned, got ",
+                    shape_of(kept));
+  return token_backward_pass(hidden, weight, bias, ids, scale, lse, entropy, grad_logp,
+                             grad_entropy, need_weight_grad, kept);
 }
 
 // The policy loss's gradient-in-forward steps (kernels/policy_loss.py): the loss's per-token
@@ -709,6 +932,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("bias"), py::arg("ids"), py::arg("scale"), py::arg("lse"),
         py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
         py::arg("need_weight_grad"));
+  m.def("token_scores_forward_keep", &token_scores_forward_keep, release(), py::arg("hidden"),
+        py::arg("weight"), py::arg("bias"), py::arg("ids"), py::arg("scale"),
+        py::arg("with_entropy"));
+  m.def("token_scores_backward_kept", &token_scores_backward_kept, release(), py::arg("hidden"),
+        py::arg("weight"), py::arg("bias"), py::arg("ids"), py::arg("scale"), py::arg("lse"),
+        py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
+        py::arg("need_weight_grad"), py::arg("kept"));
   m.def("distill_forward", &distill_forward, release(), py::arg("s_hidden"),
         py::arg("s_weight"), py::arg("t_hidden"), py::arg("t_weight"), py::arg("temperature"),
         py::arg("kind"), py::arg("jsd_beta"));

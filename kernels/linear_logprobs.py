@@ -74,8 +74,14 @@ class _TokenScoresFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, scale, with_entropy, module):
-        logp, lse, entropy = module.token_scores_forward(hidden, weight, bias, ids, scale,
-                                                         with_entropy)
+        # The native op keeps part of the logits for the backward, which then recomputes less.
+        ctx.kept = None
+        if hasattr(module, "token_scores_forward_keep"):
+            logp, lse, entropy, ctx.kept = module.token_scores_forward_keep(
+                hidden, weight, bias, ids, scale, with_entropy)
+        else:
+            logp, lse, entropy = module.token_scores_forward(hidden, weight, bias, ids, scale,
+                                                             with_entropy)
         ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
         ctx.scale = scale
         ctx.module = module
@@ -89,11 +95,16 @@ class _TokenScoresFn(torch.autograd.Function):
         hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        grad_hidden, grad_weight, grad_bias = ctx.module.token_scores_backward(
-            hidden, weight, bias, ids, ctx.scale, lse, entropy, grad_logp.contiguous(),
-            None if grad_entropy is None else grad_entropy.contiguous(),
-            ctx.needs_input_grad[1],
-        )
+        args = (hidden, weight, bias, ids, ctx.scale, lse, entropy, grad_logp.contiguous(),
+                None if grad_entropy is None else grad_entropy.contiguous(),
+                ctx.needs_input_grad[1])
+        if ctx.kept is not None:
+            # The backward overwrites the kept logits: a second one (retain_graph) recomputes.
+            kept, ctx.kept = ctx.kept, None
+            grad_hidden, grad_weight, grad_bias = ctx.module.token_scores_backward_kept(
+                *args, kept)
+        else:
+            grad_hidden, grad_weight, grad_bias = ctx.module.token_scores_backward(*args)
         return (
             grad_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
             grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,

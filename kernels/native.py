@@ -11,7 +11,9 @@ The four backend functions share the signatures of the Triton and PyTorch backen
 kernel contract): every tensor is CPU, 2-D inputs contiguous, rows already compacted to valid
 tokens. Each walks rows in chunks with one full-vocabulary logits GEMM per chunk, so the largest
 temporary is one ``[rows, V]`` fp32 tile (:func:`tile_sizes` changes the rows) instead of
-``[N, V]`` logits. The scalar losses use ``token_scores_chunk_forward`` / ``_backward`` and
+``[N, V]`` logits; the token-score ops walk ``[rows, vocab block]`` tiles instead, and their
+autograd pair ``token_scores_forward_keep`` / ``token_scores_backward_kept`` keeps some of the
+forward's logits so the backward recomputes fewer. The scalar losses use ``token_scores_chunk_forward`` / ``_backward`` and
 ``distill_fused`` to compute their gradients in the forward.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
     "tile_sizes",
     "token_scores_forward",
     "token_scores_backward",
+    "token_scores_forward_keep",
+    "token_scores_backward_kept",
     "distill_forward",
     "distill_backward",
     "chunk_rows",
@@ -44,7 +48,7 @@ __all__ = [
 
 # Must equal kAbiVersion in csrc/fused_linear_cpu.cpp; a prebuilt module from older sources is
 # rebuilt just in time instead of being called with the wrong contract.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "module": None, "source": None, "reason": None}
@@ -169,8 +173,9 @@ def _ops() -> ModuleType:
 @contextlib.contextmanager
 def tile_sizes(rows: int, vocab: int) -> Iterator[None]:
     """Temporarily set the rows per chunk (0: automatic, 12 * 2**20 // V rounded down to a
-    multiple of 64) and the vocabulary block in which 16-bit weights are converted to fp32
-    (default 4096); process-wide."""
+    multiple of 64; for the token-score ops 12 * 2**20 // vocab) and the vocabulary block
+    (default 4096: the token-score ops' blocks, elsewhere the blocks in which 16-bit weights
+    are converted to fp32); process-wide."""
     ops = _ops()
     old = ops.get_tile_sizes()
     ops.set_tile_sizes(int(rows), int(vocab))
@@ -181,7 +186,8 @@ def tile_sizes(rows: int, vocab: int) -> Iterator[None]:
 
 
 def chunk_rows(vocab: int) -> int:
-    """Rows per chunk of every op for a vocabulary of `vocab` entries (256 at V = 49152)."""
+    """Rows per chunk of the ops other than token_scores_* for a vocabulary of `vocab` entries
+    (256 at V = 49152)."""
     return _ops().chunk_rows(int(vocab))
 
 
@@ -216,6 +222,41 @@ def token_scores_backward(
     return _ops().token_scores_backward(
         hidden, weight, bias, ids, float(scale), lse, entropy, grad_logp, grad_entropy,
         bool(need_weight_grad),
+    )
+
+
+def token_scores_forward_keep(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    scale: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """token_scores_forward plus the logits tiles it keeps for token_scores_backward_kept (at
+    most a quarter of the [N, V] logits and 96 MiB), so the backward recomputes fewer."""
+    return _ops().token_scores_forward_keep(hidden, weight, bias, ids, float(scale),
+                                            bool(with_entropy))
+
+
+def token_scores_backward_kept(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    scale: float,
+    lse: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    need_weight_grad: bool,
+    kept: torch.Tensor,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """token_scores_backward from token_scores_forward_keep's `kept` tiles, which it
+    overwrites: each may serve one backward only."""
+    return _ops().token_scores_backward_kept(
+        hidden, weight, bias, ids, float(scale), lse, entropy, grad_logp, grad_entropy,
+        bool(need_weight_grad), kept,
     )
 
 

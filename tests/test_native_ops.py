@@ -123,6 +123,21 @@ def test_token_scores_match_float64_reference(dtype, with_bias, with_entropy, th
     assert no_w is None and no_b is None
     _close(gh_only, h.grad, grad_tol, "grad_hidden without weight grad")
 
+    # The autograd path's pair: the forward keeps its last row chunk's last blocks of logits
+    # (several tiles here, the last chunk and block ragged) and the backward starts from them.
+    *kept_out, kept = native.token_scores_forward_keep(hidden, weight, bias, ids, scale,
+                                                       with_entropy)
+    assert kept.shape == (3, ROWS_CHUNK, VOCAB_BLOCK)
+    for got, want in zip(kept_out, (logp, lse, entropy)):
+        assert (got is None and want is None) or torch.equal(got, want)
+    gh_k, gw_k, gb_k = native.token_scores_backward_kept(
+        hidden, weight, bias, ids, scale, lse, entropy, grad_logp, grad_entropy, True, kept
+    )
+    _close(gh_k, h.grad, grad_tol, "grad_hidden from kept logits")
+    _close(gw_k, w.grad, grad_tol, "grad_weight from kept logits")
+    if with_bias:
+        _close(gb_k, b.grad, grad_tol, "grad_bias from kept logits")
+
 
 def test_token_scores_independent_of_tiling():
     hidden, weight, bias, ids = _token_inputs(torch.float32)
@@ -131,6 +146,19 @@ def test_token_scores_independent_of_tiling():
         whole = native.token_scores_forward(hidden, weight, bias, ids, 1.0, True)
     for a, b in zip(small, whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_token_scores_second_backward_recomputes():
+    # The first backward overwrites the kept logits, so a retained graph's second one must not
+    # reuse them.
+    from rba_core.kernels import fused_linear_logprobs
+
+    hidden, weight, _, ids = _token_inputs(torch.float32)
+    h = hidden.requires_grad_()
+    loss = fused_linear_logprobs(h, weight, ids, backend="native").sum()
+    (first,) = torch.autograd.grad(loss, h, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(first, second, rtol=1e-6, atol=1e-6)
 
 
 def _distill_inputs(dtype, n=45, ds=20, dt=28, vocab=301):
