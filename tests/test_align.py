@@ -17,7 +17,9 @@ from rba_core.align import (
 from rba_core.errors import ConfigError
 from rba_core.train import Trainer
 from rba_core.train.metrics import read_metrics
-from test_trainer import Killed, adapter_weights, speech_config, tiny_models  # noqa: F401
+from test_trainer import (  # noqa: F401
+    adapter_weights, killed_then_resumed, speech_config, tiny_models,
+)
 
 
 def test_loss_is_the_per_token_mean_of_each_clips_own_ctc():
@@ -122,23 +124,8 @@ def test_align_task_overfits_caches_the_encoder_and_resumes_exactly(tiny_models,
             if len(wanted) < n]
     assert len(fits) >= 2 and all(spelled == wanted for spelled, wanted in fits), pairs
 
-    config = speech_config(tiny_models, tmp_path / "killed", *settings)
-    torch.manual_seed(0)
-    dying = build_speech_task(config, torch.device("cpu"))
-    real_loss, calls = dying.loss, []
-
-    def dies_on_step_thirty(batch):
-        calls.append(1)
-        if len(calls) == 30:
-            raise Killed
-        return real_loss(batch)
-
-    dying.loss = dies_on_step_thirty
-    with pytest.raises(Killed):
-        Trainer(config, dying).train()
-    torch.manual_seed(123)
-    resumed = build_speech_task(config, torch.device("cpu"))
-    Trainer(config, resumed).train()
+    resumed = killed_then_resumed(speech_config(tiny_models, tmp_path / "killed", *settings),
+                                  die_on_call=30)
     for got, want in zip(adapter_weights(resumed), adapter_weights(whole)):
         assert torch.equal(got, want)   # adapter, blank vector and scale alike
 

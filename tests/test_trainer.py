@@ -440,6 +440,31 @@ def adapter_weights(task) -> list[torch.Tensor]:
     return [p.detach().clone() for p in task.trainable_parameters()]
 
 
+def killed_then_resumed(config: TrainConfig, *, die_on_call: int):
+    """The SpeechLM task of ``config`` (built after seeding 0) trained until its loss is
+    called the ``die_on_call``-th time, where the process "dies"; then a fresh task (seeded
+    differently: the checkpoint must overwrite it) resumed to the end. Returns that task."""
+    from rba_core.train.speech_task import build_speech_task
+
+    torch.manual_seed(0)
+    dying = build_speech_task(config, torch.device("cpu"))
+    real_loss, calls = dying.loss, []
+
+    def dies(batch):
+        calls.append(1)
+        if len(calls) == die_on_call:
+            raise Killed
+        return real_loss(batch)
+
+    dying.loss = dies
+    with pytest.raises(Killed):
+        Trainer(config, dying).train()
+    torch.manual_seed(123)
+    resumed = build_speech_task(config, torch.device("cpu"))
+    Trainer(config, resumed).train()
+    return resumed
+
+
 def test_kd_run_killed_and_resumed_matches_on_a_tiny_speechlm(tiny_models, tmp_path):
     from rba_core.train.speech_task import build_speech_task
 
@@ -454,23 +479,8 @@ def test_kd_run_killed_and_resumed_matches_on_a_tiny_speechlm(tiny_models, tmp_p
     losses = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     assert all(math.isfinite(v) for v in losses) and len(losses) == 5
 
-    config = speech_config(tiny_models, tmp_path / "killed", *settings)
-    torch.manual_seed(0)
-    dying = build_speech_task(config, torch.device("cpu"))
-    real_loss, calls = dying.loss, []
-
-    def dies_on_step_four(batch):
-        calls.append(1)
-        if len(calls) == 4:
-            raise Killed
-        return real_loss(batch)
-
-    dying.loss = dies_on_step_four
-    with pytest.raises(Killed):
-        Trainer(config, dying).train()
-    torch.manual_seed(123)      # another fresh adapter: the checkpoint must overwrite it
-    resumed = build_speech_task(config, torch.device("cpu"))
-    Trainer(config, resumed).train()
+    resumed = killed_then_resumed(speech_config(tiny_models, tmp_path / "killed", *settings),
+                                  die_on_call=4)
     for got, want, initial in zip(adapter_weights(resumed), adapter_weights(whole), start):
         assert torch.equal(got, want)
         assert not torch.equal(got, initial)
