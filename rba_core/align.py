@@ -5,7 +5,7 @@ find the words in them through the whole LLM, one answer at a time: a weak, expe
 This stage gives the adapter a dense, cheap one first. Each adapter output is scored against
 the LLM's *input* embeddings of the words the clip contains (plus a learned CTC blank), and a
 CTC loss asks the sequence of outputs to spell the transcript's tokens in order. The LLM
-itself never runs, so a step costs about as much as the adapter: on a CPU it is ~100x cheaper
+itself never runs, so a step costs about as much as the adapter: on a CPU it is 10-30x cheaper
 than a KD step. Afterwards, the LLM reads spoken words as (near) its own token embeddings with
 blanks between them, and KD only has to teach it to ignore the blanks and answer.
 
