@@ -216,7 +216,7 @@ def response_reason(gen: Generation) -> str | None:
 
 
 @dataclass
-class _Pending:
+class PendingRow:
     candidate: int
     row_id: str
     instruction: str
@@ -226,7 +226,7 @@ class _Pending:
     voice: Voice | None = None
 
 
-def _speak(backend: TTSBackend, item: _Pending) -> np.ndarray:
+def _speak(backend: TTSBackend, item: PendingRow) -> np.ndarray:
     assert item.voice is not None
     wave, rate = backend.synthesize(normalize_for_speech(item.instruction), item.voice)
     return postprocess(wave, rate)
@@ -303,7 +303,7 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
                                         filters, config.num - done)
                 _responses(config, teacher, prompt, pending, filters)
                 _voices(config, backend, pending, train_voices, heldout_voices)
-                waves = list(pool.map(lambda item: _try_speak(backend, item), pending))
+                waves = list(pool.map(lambda item: try_speak(backend, item), pending))
                 for item, wave in zip(pending, waves):
                     if isinstance(wave, str):
                         filters[wave] += 1
@@ -341,7 +341,7 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
 def _instructions(config: SynthConfig, task: TaskRecipe, teacher: TeacherLike,
                   groups: list[int], written: dict[str, dict[str, Any]],
                   index: NearDuplicateIndex,
-                  filters: Counter[str], wanted: int) -> list[_Pending]:
+                  filters: Counter[str], wanted: int) -> list[PendingRow]:
     requests = []
     for group in groups:
         opener = ""
@@ -352,7 +352,7 @@ def _instructions(config: SynthConfig, task: TaskRecipe, teacher: TeacherLike,
                                  max_new_tokens=config.max_instruction_tokens,
                                  temperature=config.instruction_temperature,
                                  top_p=config.instruction_top_p, system=config.system)
-    accepted: list[_Pending] = []
+    accepted: list[PendingRow] = []
     for group, row in zip(groups, samples):
         for g, gen in enumerate(row):
             candidate = group * GROUP_SIZE + g
@@ -372,12 +372,12 @@ def _instructions(config: SynthConfig, task: TaskRecipe, teacher: TeacherLike,
             if reason:
                 filters[reason] += 1
                 continue
-            accepted.append(_Pending(candidate, rid, gen.text))
+            accepted.append(PendingRow(candidate, rid, gen.text))
     return accepted
 
 
 def _responses(config: SynthConfig, teacher: TeacherLike, prompt: str,
-               pending: list[_Pending], filters: Counter[str]) -> None:
+               pending: list[PendingRow], filters: Counter[str]) -> None:
     replies = teacher.respond(
         [teacher_user_message(prompt, item.instruction) for item in pending],
         [stable_seed(config.seed, config.task, item.candidate, "response") for item in pending],
@@ -394,7 +394,7 @@ def _responses(config: SynthConfig, teacher: TeacherLike, prompt: str,
     pending[:] = kept
 
 
-def _voices(config: SynthConfig, backend: TTSBackend, pending: list[_Pending],
+def _voices(config: SynthConfig, backend: TTSBackend, pending: list[PendingRow],
             train_voices: list[str], heldout_voices: list[str]) -> None:
     for item in pending:
         split_rng = draw_rng(config.seed, config.task, item.candidate, "split")
@@ -404,7 +404,7 @@ def _voices(config: SynthConfig, backend: TTSBackend, pending: list[_Pending],
                                   heldout_voices if item.split == "heldout" else train_voices)
 
 
-def _try_speak(backend: TTSBackend, item: _Pending) -> np.ndarray | str:
+def try_speak(backend: TTSBackend, item: PendingRow) -> np.ndarray | str:
     try:
         return _speak(backend, item)
     except SynthesisFailed as error:

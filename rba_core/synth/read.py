@@ -71,7 +71,7 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
     (default: ``config.out`` itself); returns the summary."""
     from tqdm import tqdm
 
-    from rba_core.synth.pipeline import _Pending, _try_speak, draw_rng
+    from rba_core.synth.pipeline import PendingRow, try_speak, draw_rng
     from rba_core.synth.tts import SAMPLE_RATE, make_backend
 
     task = config.validate()
@@ -111,12 +111,12 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
                 break
             voice = backend.draw(draw_rng(config.seed, READ_TASK, k, "voice"), train_voices)
             # The answer is the sentence itself: a listener repeating it.
-            pending.append((_Pending(k, row_id, sentence, response=sentence, voice=voice),
+            pending.append((PendingRow(k, row_id, sentence, response=sentence, voice=voice),
                             source_id))
         bar = tqdm(total=config.num, initial=done, disable=not config.progress, unit="row",
                    desc="synth read")
         with ThreadPoolExecutor(max_workers=config.tts_workers) as pool:
-            waves = pool.map(lambda entry: _try_speak(backend, entry[0]), pending)
+            waves = pool.map(lambda entry: try_speak(backend, entry[0]), pending)
             for (item, source_id), wave in zip(pending, waves):
                 if isinstance(wave, str):
                     filters[wave] += 1

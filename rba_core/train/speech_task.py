@@ -55,11 +55,14 @@ class SpeechDistillTask:
     ``task="kd"``: the fused distillation loss against ``teacher`` reading the transcript.
     ``fused=False`` uses the eager reference loss over materialised logits (benchmarks)."""
 
+    TASKS: tuple[str, ...] = ("sft", "kd")
+
     def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *, task: str,
                  batch_size: int, loss: LossConfig | None = None,
                  teacher: "LlamaForCausalLM | None" = None, fused: bool = True) -> None:
-        if task not in ("sft", "kd"):
-            raise ConfigError(f"task must be 'sft' or 'kd', got {task!r}")
+        if task not in self.TASKS:
+            raise ConfigError(f"{type(self).__name__}: task must be one of "
+                              f"{', '.join(self.TASKS)}, got {task!r}")
         if task == "kd" and teacher is None:
             raise ConfigError("task 'kd' needs a teacher LLM (SpeechLM.load_teacher())")
         if len(dataset) == 0:
@@ -114,13 +117,13 @@ class SpeechAlignTask(SpeechDistillTask):
     never runs the LLM, and the CTC head's blank vector and scale train beside the adapter
     (they are checkpointed, not exported)."""
 
+    TASKS = ("align",)
+
     def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *,
                  batch_size: int) -> None:
         from rba_core.align import CTCAlignHead, alignment_vocabulary, transcript_ids
 
-        # The set-up (and the empty-batch handling) is SFT's; only the loss differs.
-        super().__init__(speechlm, dataset, task="sft", batch_size=batch_size)
-        self.task = "align"
+        super().__init__(speechlm, dataset, task="align", batch_size=batch_size)
         # Every rank reads the same rows, so every rank builds the same vocabulary.
         self.transcripts = {str(row["id"]): transcript_ids(speechlm.tokenizer, row)
                             for row in dataset.rows}
