@@ -33,7 +33,7 @@ demo: install
 	    --heldout-fraction 0.35 --heldout-voices en-us-nyc,+f3 --max-instruction-tokens 40 \
 	    --max-words 25 --max-response-tokens 48 --no-progress
 	# 2. A short KD warm-up of the packaged adapter on the train split.
-	rba train --config rba_core/train/configs/kd.yaml data.dir=$(DEMO_DIR)/data \
+	rba train --config rba_core/tasks/configs/kd.yaml data.dir=$(DEMO_DIR)/data \
 	    model.adapter=rba_core/assets/speechlm-default run.output_dir=$(DEMO_DIR)/kd \
 	    data.batch_size=4 run.max_steps=6 schedule.warmup_steps=1 optim.lr=1e-4 \
 	    run.log_every=1 run.checkpoint_every=0 run.plot=false

@@ -59,7 +59,7 @@ setup(
     packages=[
         "rba_core",
         "rba_core.commands",
-        "rba_core.convert",
+        "rba_core.weights.convert",
         "rba_core.kernels",
         "rba_core.models",
         "rba_core.rollout",
@@ -69,7 +69,7 @@ setup(
     package_dir={"rba_core.kernels": "kernels"},
     package_data={
         "rba_core": ["assets/*", "assets/*/*"],
-        "rba_core.train": ["configs/*.yaml"],
+        "rba_core.tasks": ["configs/*.yaml"],
     },
     install_requires=[
         "torch>=2.4",

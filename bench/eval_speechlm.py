@@ -3,7 +3,7 @@
 
 For each adapter the SpeechLM answers every spoken instruction greedily; each answer is
 scored by the text teacher's mean log-probability per token given the transcript and by chrF
-against the teacher's own answer in the manifest (``rba_core.distill.evaluate_answers``).
+against the teacher's own answer in the manifest (``rba_core.eval.answers.evaluate_answers``).
 The ``untrained`` line is a freshly initialised adapter (seeded); the ``teacher (text)`` line
 scores the manifest answers themselves under the teacher: the reference the SpeechLM can at
 best reach (its chrF is 100 by construction).
@@ -52,7 +52,7 @@ def _parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
 def _teacher_reference(slm: Any, teacher: Any, dataset: Any, indices: list[int],
                        batch_size: int) -> dict[str, Any]:
     """The manifest answers (the teacher's own greedy answers) under the teacher."""
-    from rba_core.distill import teacher_loglik
+    from rba_core.eval.answers import teacher_loglik
 
     rows = []
     for start in range(0, len(indices), batch_size):
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from rba_core.commands.chat import DEFAULT_ENCODER, DEFAULT_LLM, _model_dir
-    from rba_core.data import SpeechDataset
-    from rba_core.distill import evaluate_answers
-    from rba_core.speechlm import SpeechLM
+    from rba_core.data.speech import SpeechDataset
+    from rba_core.eval.answers import evaluate_answers
+    from rba_core.models.speechlm import SpeechLM
 
     torch.manual_seed(args.seed)
     slm = SpeechLM.from_pretrained(_model_dir(args.encoder, DEFAULT_ENCODER, "--encoder"),

@@ -60,7 +60,7 @@ def best_time(function, repeats: int) -> tuple[float, object]:
 
 def main() -> int:
     args = parse_args()
-    from rba_core.prepare import default_model_dir
+    from rba_core.weights.prepare import default_model_dir
 
     folder = Path(args.model) if args.model else Path(default_model_dir("smollm2-135m-instruct"))
     if not (folder / "config.json").is_file():
@@ -71,8 +71,8 @@ def main() -> int:
     import transformers
 
     from rba_core.generation import generate
-    from rba_core.loading import load_model
-    from rba_core.tokenizer import Tokenizer
+    from rba_core.weights.loading import load_model
+    from rba_core.data.tokenizer import Tokenizer
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

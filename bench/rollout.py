@@ -36,7 +36,7 @@ def timed_pair(first, second, repeats: int) -> tuple[float, float]:
 
 
 def make_prompt(folder, length: int) -> torch.Tensor:
-    from rba_core.tokenizer import Tokenizer
+    from rba_core.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(folder)
     text = ("Explain, step by step and with examples, how a speech model can learn to follow "
@@ -148,8 +148,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rba_core.loading import load_model
-    from rba_core.prepare import default_model_dir
+    from rba_core.weights.loading import load_model
+    from rba_core.weights.prepare import default_model_dir
     from rba_core.rollout import RolloutEngine, SamplingConfig
 
     folder = args.model or default_model_dir("smollm2-135m-instruct")

@@ -29,7 +29,7 @@ def tiny_model_dirs(root: Path) -> tuple[Path, Path]:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
 
-    from rba_core.checkpoint import save_pretrained
+    from rba_core.weights.safetensors_io import save_pretrained
     from rba_core.models.llama import LlamaConfig, LlamaForCausalLM
     from rba_core.models.whisper import WhisperConfig, WhisperEncoder
 
@@ -68,7 +68,7 @@ def synthetic_batches(count: int, batch_size: int, seconds: float, response_toke
                       vocab: int, n_mels: int, seed: int) -> list:
     """Speech batches of the collated layout with random log-mels and token ids (the step's
     cost does not depend on what the audio says)."""
-    from rba_core.data import SpeechBatch
+    from rba_core.data.speech import SpeechBatch
 
     generator = torch.Generator().manual_seed(seed)
     frames = int(seconds * 100)
@@ -102,7 +102,7 @@ class KDBench:
         return self.batches
 
     def loss(self, batch):
-        from rba_core.distill import kd_loss
+        from rba_core.tasks.distill import kd_loss
 
         return kd_loss(self.speechlm, self.teacher, batch.to(self.speechlm.device),
                        fused=self.fused)
@@ -157,8 +157,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args()
 
-    from rba_core.prepare import default_model_dir
-    from rba_core.speechlm import SpeechLM
+    from rba_core.weights.prepare import default_model_dir
+    from rba_core.models.speechlm import SpeechLM
     from rba_core.train.distributed import pick_device
 
     device = pick_device(args.device)

@@ -1,4 +1,4 @@
-"""CTC pre-alignment (rba_core/align.py): the loss against per-clip CTC on each clip's own
+"""CTC pre-alignment (rba_core/tasks/align.py): the loss against per-clip CTC on each clip's own
 unpadded outputs, class mapping and greedy decoding on a hand-built case, the encoder cache,
 overfitting a fixed batch through the trainer with a killed-and-resumed run, the `rba train`
 export, and bad input."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rba_core.align import (
+from rba_core.tasks.align import (
     BLANK, CTCAlignHead, alignment_vocabulary, ctc_align_loss, greedy_decode, spoken_text,
     transcript_ids,
 )
@@ -96,7 +96,7 @@ def test_bad_input_names_the_fix():
 
 
 def test_align_task_overfits_caches_the_encoder_and_resumes_exactly(tiny_models, tmp_path):
-    from rba_core.train.speech_task import SpeechAlignTask, build_speech_task
+    from rba_core.tasks.speech import SpeechAlignTask, build_speech_task
 
     settings = ["task=align", "data.batch_size=6", "run.max_steps=60", "optim.lr=1e-2",
                 "schedule.warmup_steps=2", "run.checkpoint_every=25", "run.log_every=1"]

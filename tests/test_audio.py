@@ -5,7 +5,7 @@ import pytest
 import soundfile
 import torch
 
-from rba_core.audio import (HOP_LENGTH, N_FRAMES_30S, batch_features, load_audio,
+from rba_core.data.audio import (HOP_LENGTH, N_FRAMES_30S, batch_features, load_audio,
                             log_mel_spectrogram, mel_filterbank)
 from rba_core.errors import AudioError
 

@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from rba_core import checkpoint
-from rba_core.checkpoint import (
+from rba_core.weights import safetensors_io as checkpoint
+from rba_core.weights.safetensors_io import (
     load_into_module,
     load_tensors,
     read_config,

@@ -14,12 +14,12 @@ from gguf.quants import quantize as gguf_quantize
 from safetensors.numpy import load_file
 from tokenizers import pre_tokenizers
 
-from rba_core.convert.ctranslate2_whisper import (
+from rba_core.weights.convert.ctranslate2_whisper import (
     convert_ctranslate2_whisper,
     parse_ctranslate2,
     read_ctranslate2,
 )
-from rba_core.convert.gguf_llama import (
+from rba_core.weights.convert.gguf_llama import (
     convert_gguf_llama,
     dequantize_bf16,
     dequantize_f16,
@@ -29,7 +29,7 @@ from rba_core.convert.gguf_llama import (
     unpermute_qk,
 )
 from rba_core.errors import ConversionError
-from rba_core.tokenizer import Tokenizer
+from rba_core.data.tokenizer import Tokenizer
 
 
 def _rng() -> np.random.Generator:

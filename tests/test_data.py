@@ -10,13 +10,13 @@ import pytest
 import soundfile
 import torch
 
-from rba_core.audio import batch_features, load_audio
-from rba_core.data import (
+from rba_core.data.audio import batch_features, load_audio
+from rba_core.data.speech import (
     SpeechDataset, collate, length_bucketed_batches, shard_batch,
 )
 from rba_core.errors import ConfigError
-from rba_core.prompts import student_messages
-from rba_core.tokenizer import Tokenizer
+from rba_core.data.prompts import student_messages
+from rba_core.data.tokenizer import Tokenizer
 from test_speechlm import ROWS, random_wave, write_dataset, write_tiny_llm
 
 

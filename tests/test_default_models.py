@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from rba_core import prepare as prep
+from rba_core.weights import prepare as prep
 from rba_core.errors import ConversionError
-from rba_core.prepare import (
+from rba_core.weights.prepare import (
     DEFAULT_MODELS,
     MARKER,
     ModelSource,
@@ -22,7 +22,7 @@ from rba_core.prepare import (
     default_model_dir,
     prepare_models,
 )
-from rba_core.tokenizer import Tokenizer
+from rba_core.data.tokenizer import Tokenizer
 
 QUESTION = "What is the capital of France?"
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rba_core.data import SpeechDataset
-from rba_core.distill import chrf, evaluate_answers, kd_loss, sft_loss, teacher_loglik
+from rba_core.data.speech import SpeechDataset
+from rba_core.eval.answers import chrf, evaluate_answers, teacher_loglik
+from rba_core.tasks.distill import kd_loss, sft_loss
 from rba_core.errors import ConfigError
-from rba_core.lora import LoraConfig, lora_modules
+from rba_core.models.lora import LoraConfig, lora_modules
 from rba_core.models.llama import LlamaForCausalLM
-from rba_core.prompts import teacher_messages, teacher_prompt_ids
+from rba_core.data.prompts import teacher_messages, teacher_prompt_ids
 from test_speechlm import tiny_speechlm, write_dataset, write_tiny_llm
 
 

@@ -13,7 +13,7 @@ from conftest import SESSION_SEED
 from rba_core.cli import main as cli_main
 from rba_core.errors import CheckpointError, ConfigError
 from rba_core.generation import generate
-from rba_core.loading import load_model
+from rba_core.weights.loading import load_model
 from rba_core.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 128

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rba_core.errors import ConfigError
-from rba_core.lora import LoraConfig, apply_lora, lora_modules
+from rba_core.models.lora import LoraConfig, apply_lora, lora_modules
 from rba_core.models.llama import LlamaConfig, LlamaForCausalLM
 from rba_core.models.packed import PackedProjections
 from rba_core.rollout import (

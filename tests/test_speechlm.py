@@ -17,15 +17,15 @@ import pytest
 import soundfile
 import torch
 
-from rba_core.checkpoint import save_pretrained
+from rba_core.weights.safetensors_io import save_pretrained
 from rba_core.errors import CheckpointError, ConfigError, TokenizerError
 from rba_core.kernels.audio_adapter import AudioAdapterConfig, FusedAudioAdapter
-from rba_core.lora import LoraConfig, apply_lora, lora_disabled, lora_modules, merge_lora
+from rba_core.models.lora import LoraConfig, apply_lora, lora_disabled, lora_modules, merge_lora
 from rba_core.models.llama import LlamaForCausalLM
 from rba_core.models.whisper import WhisperConfig, WhisperEncoder
-from rba_core.prompts import AUDIO_PLACEHOLDER, student_messages, teacher_messages
-from rba_core.speechlm import SpeechLM
-from rba_core.tokenizer import Tokenizer
+from rba_core.data.prompts import AUDIO_PLACEHOLDER, student_messages, teacher_messages
+from rba_core.models.speechlm import SpeechLM
+from rba_core.data.tokenizer import Tokenizer
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
@@ -353,7 +353,7 @@ def _run_command(module_name: str, argv: list[str], capsys) -> str:
 
 
 def test_chat_on_real_default_models(tmp_path, capsys):
-    from rba_core.prepare import default_model_dir
+    from rba_core.weights.prepare import default_model_dir
 
     for name in ("whisper-tiny.en", "smollm2-135m-instruct"):
         assert (Path(default_model_dir(name)) / "config.json").is_file(), \
@@ -398,7 +398,7 @@ def test_rollout_engine_takes_the_spliced_rows(slm):
 
 
 def test_save_lora_and_load_lora(slm, tmp_path):
-    from rba_core.lora import load_lora, save_lora
+    from rba_core.models.lora import load_lora, save_lora
 
     config = LoraConfig(rank=3, alpha=6, targets=("o_proj", "gate_proj"))
     with pytest.raises(ConfigError, match="no LoRA"):
@@ -430,7 +430,7 @@ def test_chat_rejects_bad_input_before_loading_models(tmp_path, capsys):
 
 def test_chat_answers_dataset_clips_beside_the_teacher(tmp_path, capsys):
     from rba_core.generation import generate
-    from rba_core.prompts import teacher_messages, teacher_prompt_ids
+    from rba_core.data.prompts import teacher_messages, teacher_prompt_ids
     from test_trainer import write_tiny_encoder
 
     encoder, llm = write_tiny_encoder(tmp_path / "encoder"), write_tiny_llm(tmp_path / "llm")

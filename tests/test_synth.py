@@ -438,9 +438,9 @@ def test_filters_that_reject_everything_stop_at_max_candidates(tmp_path):
 
 
 def test_magpie_prefix_keeps_the_default_system_turn():
-    from rba_core.prepare import default_model_dir
+    from rba_core.weights.prepare import default_model_dir
     from rba_core.synth import magpie_prefix
-    from rba_core.tokenizer import Tokenizer
+    from rba_core.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(default_model_dir("smollm2-135m-instruct"))
     prefix = magpie_prefix(tokenizer)

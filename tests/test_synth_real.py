@@ -9,7 +9,7 @@ import pytest
 import soundfile
 import torch
 
-from rba_core.prepare import default_model_dir
+from rba_core.weights.prepare import default_model_dir
 from rba_core.synth import (
     RolloutTeacher,
     SynthConfig,
@@ -89,7 +89,7 @@ def test_small_real_run_makes_a_valid_dataset(dataset):
 def whisper():
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    from rba_core.tokenizer import Tokenizer
+    from rba_core.data.tokenizer import Tokenizer
 
     folder = default_model_dir("whisper-tiny.en")
     model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()

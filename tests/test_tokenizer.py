@@ -8,8 +8,8 @@ import json
 import pytest
 
 from rba_core.errors import TokenizerError
-from rba_core.prepare import prepare_models
-from rba_core.tokenizer import Tokenizer
+from rba_core.weights.prepare import prepare_models
+from rba_core.data.tokenizer import Tokenizer
 
 TEXTS = [
     "What is the capital of France?",

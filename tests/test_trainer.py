@@ -26,7 +26,7 @@ from rba_core.train.config import ScheduleConfig
 from rba_core.train.metrics import plot_metrics
 from rba_core.train.toy import ToyRegressionTask
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "rba_core" / "train" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "rba_core" / "tasks" / "configs"
 
 
 def make_config(output_dir: Path, *overrides: str) -> TrainerConfig:
@@ -407,7 +407,7 @@ def test_checkpoint_holds_trainable_weights_only(tmp_path):
 
 # ------------------------------------------------------------------ the SpeechLM tasks
 def write_tiny_encoder(folder: Path) -> Path:
-    from rba_core.checkpoint import save_pretrained
+    from rba_core.weights.safetensors_io import save_pretrained
     from rba_core.models.whisper import WhisperConfig, WhisperEncoder
 
     config = {"model_type": "whisper", "d_model": 16, "encoder_layers": 1,
@@ -444,7 +444,7 @@ def killed_then_resumed(config: TrainConfig, *, die_on_call: int):
     """The SpeechLM task of ``config`` (built after seeding 0) trained until its loss is
     called the ``die_on_call``-th time, where the process "dies"; then a fresh task (seeded
     differently: the checkpoint must overwrite it) resumed to the end. Returns that task."""
-    from rba_core.train.speech_task import build_speech_task
+    from rba_core.tasks.speech import build_speech_task
 
     torch.manual_seed(0)
     dying = build_speech_task(config, torch.device("cpu"))
@@ -466,7 +466,7 @@ def killed_then_resumed(config: TrainConfig, *, die_on_call: int):
 
 
 def test_kd_run_killed_and_resumed_matches_on_a_tiny_speechlm(tiny_models, tmp_path):
-    from rba_core.train.speech_task import build_speech_task
+    from rba_core.tasks.speech import build_speech_task
 
     settings = ["task=kd", "loss.kind=jsd", "run.max_steps=5", "run.checkpoint_every=2",
                 "schedule.warmup_steps=1", "model.lora_rank=2"]
@@ -498,7 +498,7 @@ def _rba_train(argv: list[str]) -> int:
 
 
 def test_rba_train_command_trains_saves_and_resumes(tiny_models, tmp_path, capsys):
-    from rba_core.speechlm import SpeechLM
+    from rba_core.models.speechlm import SpeechLM
 
     out = tmp_path / "run"
     common = [f"model.encoder={tiny_models['encoder']}", f"model.llm={tiny_models['llm']}",

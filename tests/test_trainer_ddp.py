@@ -50,8 +50,8 @@ def write_speech_files(root: Path) -> None:
 def speech_task(root: Path, batch_size: int):
     from test_speechlm import tiny_speechlm
 
-    from rba_core.data import SpeechDataset
-    from rba_core.train.speech_task import SpeechDistillTask
+    from rba_core.data.speech import SpeechDataset
+    from rba_core.tasks.speech import SpeechDistillTask
 
     torch.manual_seed(0)
     speechlm = tiny_speechlm(root / "llm")
@@ -145,7 +145,7 @@ def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     expected["speech"] = expected["speech-fsdp"] = (trained(speech), summary.skipped_steps)
     start = trained(make_task(8))
 
-    from rba_core.speechlm import SpeechLM
+    from rba_core.models.speechlm import SpeechLM
     from rba_core.train import checkpoint as ckpt
 
     exported = SpeechLM.from_pretrained(tmp_path / "encoder", tmp_path / "llm",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rba_core.audio import batch_features, log_mel_spectrogram
+from rba_core.data.audio import batch_features, log_mel_spectrogram
 from rba_core.errors import AudioError, CheckpointError, ConfigError
 from rba_core.models.whisper import WhisperConfig, WhisperEncoder
 
@@ -191,7 +191,7 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_checkpoint_without_encoder_or_with_missing_tensor(tmp_path):
-    from rba_core.checkpoint import load_tensors, save_pretrained
+    from rba_core.weights.safetensors_io import load_tensors, save_pretrained
     from transformers import WhisperModel
 
     source = tmp_path / "source"

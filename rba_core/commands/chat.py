@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_dir(given: str | None, name: str, flag: str) -> Path:
     from rba_core.errors import ConfigError
-    from rba_core.prepare import default_model_dir
+    from rba_core.weights.prepare import default_model_dir
 
     if given is not None:
         return Path(given)
@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
     from rba_core.errors import ConfigError
     from rba_core.generation import generate
-    from rba_core.lora import lora_disabled
-    from rba_core.prompts import student_messages, teacher_messages, teacher_prompt_ids
-    from rba_core.speechlm import DEFAULT_ADAPTER_DIR, SpeechLM
+    from rba_core.models.lora import lora_disabled
+    from rba_core.data.prompts import student_messages, teacher_messages, teacher_prompt_ids
+    from rba_core.models.speechlm import DEFAULT_ADAPTER_DIR, SpeechLM
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _requests(args: argparse.Namespace) -> tuple[list[dict], list]:
     """The chat rows (instruction = transcript, task prompt) and 16 kHz waves to answer."""
-    from rba_core.audio import load_audio
+    from rba_core.data.audio import load_audio
     from rba_core.errors import ConfigError
 
     if args.data is None:

@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     from rba_core.errors import ConfigError
     from rba_core.generation import generate
-    from rba_core.loading import LLM_MODEL_TYPES, load_model
+    from rba_core.weights.loading import LLM_MODEL_TYPES, load_model
     from rba_core.models.llama import LlamaForCausalLM
-    from rba_core.tokenizer import Tokenizer
+    from rba_core.data.tokenizer import Tokenizer
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k must be >= 0 (0 = all tokens), got {args.top_k}")
     folder = args.model
     if folder is None:
-        from rba_core.prepare import default_model_dir
+        from rba_core.weights.prepare import default_model_dir
 
         folder = Path(default_model_dir(DEFAULT_MODEL_NAME))
         if not (folder / "config.json").is_file():

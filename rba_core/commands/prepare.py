@@ -5,7 +5,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from rba_core.prepare import DEFAULT_MODELS, MODELS
+    from rba_core.weights.prepare import DEFAULT_MODELS, MODELS
 
     listing = "; ".join(f"{name}: {model.description}" for name, model in MODELS.items())
     parser = subparsers.add_parser(
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rba_core.prepare import prepare_models
+    from rba_core.weights.prepare import prepare_models
 
     folders = prepare_models(args.models, cache_dir=args.dir, force=args.force)
     for name, folder in folders.items():

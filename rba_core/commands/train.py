@@ -1,7 +1,7 @@
 """``rba train``: CTC alignment, SFT or KD of the SpeechLM's adapter on a dataset folder.
 
-    rba train --config rba_core/train/configs/align.yaml data.dir=data/speech
-    rba train --config rba_core/train/configs/kd.yaml data.dir=data/speech run.max_steps=200
+    rba train --config rba_core/tasks/configs/align.yaml data.dir=data/speech
+    rba train --config rba_core/tasks/configs/kd.yaml data.dir=data/speech run.max_steps=200
     torchrun --nproc_per_node=4 -m rba_core.cli train --config kd.yaml data.dir=data/speech
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train the SpeechLM (align, sft or kd) on a synthesized dataset",
         description="Train the SpeechLM's adapter (and LoRA, if configured) with CTC "
                     "alignment to the LLM's token embeddings (align), SFT or KD. "
-                    "Settings come from a YAML file (see rba_core/train/configs/) and "
+                    "Settings come from a YAML file (see rba_core/tasks/configs/) and "
                     "section.field=value overrides. Launch under torchrun for several "
                     "processes; a run resumes from its output folder's newest checkpoint.",
     )
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                                   "check run.output_dir or drop --resume to start a new run")
 
     from rba_core.train.distributed import barrier, unsharded
-    from rba_core.train.speech_task import build_speech_task, describe
+    from rba_core.tasks.speech import build_speech_task, describe
 
     info = init_distributed(config.run.device)
     try:

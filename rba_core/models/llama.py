@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rba_core.checkpoint import CONFIG_NAME, load_into_module, load_tensors, read_config
+from rba_core.weights.safetensors_io import CONFIG_NAME, load_into_module, load_tensors, read_config
 from rba_core.errors import ConfigError
 
 try:

@@ -91,7 +91,7 @@ class WhisperConfig:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> WhisperConfig:
-        from rba_core.checkpoint import CONFIG_NAME, read_config
+        from rba_core.weights.safetensors_io import CONFIG_NAME, read_config
 
         return cls.from_dict(read_config(folder), source=str(Path(folder) / CONFIG_NAME))
 
@@ -261,7 +261,7 @@ class WhisperEncoder(nn.Module):
     ) -> WhisperEncoder:
         """The encoder of a Whisper checkpoint folder (a full encoder-decoder checkpoint or an
         encoder-only one); decoder tensors are not read. ``dtype`` defaults to float32."""
-        from rba_core.checkpoint import load_into_module, load_tensors
+        from rba_core.weights.safetensors_io import load_into_module, load_tensors
 
         config = WhisperConfig.from_folder(folder)
         dtype = torch.float32 if dtype is None else dtype

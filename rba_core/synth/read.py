@@ -1,7 +1,7 @@
 """``rba synth --task read``: speak the sentences of the teacher's answers that a dataset already
 holds, with no teacher call.
 
-Why: the adapter's CTC pre-alignment (``rba_core.align``) needs many different spoken words,
+Why: the adapter's CTC pre-alignment (``rba_core.tasks.align``) needs many different spoken words,
 and on a CPU the teacher writes new instructions ~50x slower than espeak speaks. The answers
 the teacher already wrote for the ``instruct``/``qa``/``translate`` rows are several times
 more text than the instructions themselves, in the same register. Only train-split answers are

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rba_core.errors import ConfigError
-from rba_core.prompts import teacher_messages
+from rba_core.data.prompts import teacher_messages
 from rba_core.synth.text import sentence_count
 
 QA_PROMPT = "Answer the question in the audio briefly."

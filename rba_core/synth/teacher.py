@@ -19,7 +19,7 @@ import torch
 from rba_core.errors import ConfigError, TokenizerError
 from rba_core.rollout import RolloutEngine, SamplingConfig
 from rba_core.rollout.engine import FINISH_STOP
-from rba_core.tokenizer import Tokenizer
+from rba_core.data.tokenizer import Tokenizer
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 _MARK = "\u0000RBA-USER-TURN\u0000"
@@ -79,11 +79,11 @@ class RolloutTeacher:
              dtype: torch.dtype = torch.float32) -> "RolloutTeacher":
         """The checkpoint in ``folder`` (default: the SmolLM2-135M-Instruct `rba prepare`
         converts)."""
-        from rba_core.loading import LLM_MODEL_TYPES, load_model
+        from rba_core.weights.loading import LLM_MODEL_TYPES, load_model
         from rba_core.models.llama import LlamaForCausalLM
 
         if folder is None:
-            from rba_core.prepare import default_model_dir
+            from rba_core.weights.prepare import default_model_dir
 
             folder = default_model_dir(DEFAULT_TEACHER)
             if not (Path(folder) / "config.json").is_file():

@@ -361,7 +361,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {file} does not exist; pass a YAML file (see "
-                          "rba_core/train/configs/ for examples)")
+                          "rba_core/tasks/configs/ for examples)")
     try:
         values = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rba_core.checkpoint import mismatch_report
+from rba_core.weights.safetensors_io import mismatch_report
 from rba_core.errors import CheckpointError, ConfigError
 
 LORA_WEIGHTS = "lora.safetensors"
@@ -223,7 +223,7 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
 def save_lora(folder: str | os.PathLike, model: nn.Module, config: LoraConfig,
               extra_config: dict[str, Any] | None = None) -> None:
     """Write ``lora.safetensors`` and ``config.json`` (``{"lora": ..., **extra_config}``)."""
-    from rba_core.checkpoint import save_pretrained
+    from rba_core.weights.safetensors_io import save_pretrained
 
     tensors = lora_state_dict(model)
     if not tensors:
@@ -237,7 +237,7 @@ def load_lora(folder: str | os.PathLike, model: nn.Module) -> LoraConfig:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from rba_core.checkpoint import read_config
+    from rba_core.weights.safetensors_io import read_config
 
     path = Path(folder) / LORA_WEIGHTS
     config_data = read_config(folder).get("lora")

@@ -16,9 +16,9 @@ from rba_core.errors import ConfigError
 from rba_core.train.config import LossConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from rba_core.data import SpeechBatch, SpeechDataset
+    from rba_core.data.speech import SpeechBatch, SpeechDataset
     from rba_core.models.llama import LlamaForCausalLM
-    from rba_core.speechlm import SpeechLM
+    from rba_core.models.speechlm import SpeechLM
 
 DEFAULT_ENCODER = "whisper-tiny.en"
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -44,7 +44,7 @@ class EpochBatches:
         return self.iter_from(0)
 
     def iter_from(self, start: int) -> Iterator["SpeechBatch | None"]:
-        from rba_core.data import shard_batch
+        from rba_core.data.speech import shard_batch
 
         for indices in self.batches[start:]:
             yield self.dataset.batch(shard_batch(indices, self.rank, self.world_size))
@@ -96,7 +96,7 @@ class SpeechDistillTask:
         return 0.0 if batch is None else float(batch.num_tokens)
 
     def loss(self, batch: "SpeechBatch | None") -> tuple[torch.Tensor, dict[str, float]]:
-        from rba_core.distill import kd_loss, sft_loss
+        from rba_core.tasks.distill import kd_loss, sft_loss
 
         if batch is None:
             # No row of this rank's share loaded (the dataset counted why). A zero loss keeps
@@ -113,7 +113,7 @@ class SpeechDistillTask:
 
 class SpeechAlignTask(SpeechDistillTask):
     """``task="align"``: CTC pre-alignment of the adapter to the LLM's token embeddings
-    (:mod:`rba_core.align`). Batches, weighting and sharding are those of SFT/KD; the loss
+    (:mod:`rba_core.tasks.align`). Batches, weighting and sharding are those of SFT/KD; the loss
     never runs the LLM, and the CTC head's blank vector and scale train beside the adapter
     (they are checkpointed, not exported)."""
 
@@ -121,7 +121,7 @@ class SpeechAlignTask(SpeechDistillTask):
 
     def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *,
                  batch_size: int) -> None:
-        from rba_core.align import CTCAlignHead, alignment_vocabulary, transcript_ids
+        from rba_core.tasks.align import CTCAlignHead, alignment_vocabulary, transcript_ids
 
         super().__init__(speechlm, dataset, task="align", batch_size=batch_size)
         # Every rank reads the same rows, so every rank builds the same vocabulary.
@@ -152,7 +152,7 @@ class SpeechAlignTask(SpeechDistillTask):
         return torch.nn.utils.rnn.pad_sequence(clips, batch_first=True), lengths
 
     def loss(self, batch: "SpeechBatch | None") -> tuple[torch.Tensor, dict[str, float]]:
-        from rba_core.align import ctc_align_loss
+        from rba_core.tasks.align import ctc_align_loss
 
         if batch is None:
             return super().loss(batch)
@@ -163,7 +163,7 @@ class SpeechAlignTask(SpeechDistillTask):
 
 
 def _model_dir(given: str | None, name: str, field: str) -> Path:
-    from rba_core.prepare import default_model_dir
+    from rba_core.weights.prepare import default_model_dir
 
     if given is not None:
         return Path(given)
@@ -179,9 +179,9 @@ def build_speech_task(config: TrainConfig, device: torch.device) -> SpeechDistil
 
     Weights load in float32; bf16 comes from the trainer's autocast on GPU.
     """
-    from rba_core.data import SpeechDataset
-    from rba_core.lora import LoraConfig
-    from rba_core.speechlm import SpeechLM
+    from rba_core.data.speech import SpeechDataset
+    from rba_core.models.lora import LoraConfig
+    from rba_core.models.speechlm import SpeechLM
 
     model = config.model
     lora = None

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from rba_core.errors import AudioError, ConfigError
-from rba_core.prompts import (
+from rba_core.data.prompts import (
     response_ids, split_student_prompt, student_messages, teacher_messages, teacher_prompt_ids,
 )
-from rba_core.tokenizer import Tokenizer
+from rba_core.data.tokenizer import Tokenizer
 
 MANIFEST_NAME = "manifest.jsonl"
 SAMPLE_RATE = 16000
@@ -91,7 +91,7 @@ class SpeechBatch:
 
 def collate(samples: Sequence[SpeechSample], *, n_mels: int = 80, pad_id: int = 0) -> SpeechBatch:
     """Stack loaded samples: features per clip (each featurised alone), padded responses."""
-    from rba_core.audio import batch_features
+    from rba_core.data.audio import batch_features
 
     if not samples:
         raise ConfigError("collate: no samples; a batch needs at least one loaded sample")
@@ -247,7 +247,7 @@ class SpeechDataset:
         be decoded or is longer than ``max_duration``."""
         if index in self._bad:
             return None
-        from rba_core.audio import load_audio
+        from rba_core.data.audio import load_audio
 
         row = self.rows[index]
         try:

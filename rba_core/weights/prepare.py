@@ -169,11 +169,11 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 def _convert(model: ModelSource, sources: list[Path], out_dir: Path, progress: bool) -> None:
     if model.kind == "gguf_llama":
-        from rba_core.convert.gguf_llama import convert_gguf_llama
+        from rba_core.weights.convert.gguf_llama import convert_gguf_llama
 
         convert_gguf_llama(sources[0], out_dir, progress=progress)
     elif model.kind == "ct2_whisper":
-        from rba_core.convert.ctranslate2_whisper import convert_ctranslate2_whisper
+        from rba_core.weights.convert.ctranslate2_whisper import convert_ctranslate2_whisper
 
         assert model.tokenizer_dir is not None
         tokenizer_dir = locate_source(

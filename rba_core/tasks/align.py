@@ -31,7 +31,7 @@ from torch import nn
 from rba_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from rba_core.tokenizer import Tokenizer
+    from rba_core.data.tokenizer import Tokenizer
 
 BLANK = 0  # class 0 is the CTC blank; class i + 1 is vocabulary token i
 

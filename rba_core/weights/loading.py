@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rba_core.checkpoint import CONFIG_NAME, read_config
+from rba_core.weights.safetensors_io import CONFIG_NAME, read_config
 from rba_core.errors import ConfigError
 
 LLM_MODEL_TYPES = ("llama", "mistral", "qwen2")

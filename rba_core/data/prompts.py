@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rba_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from rba_core.tokenizer import Tokenizer
+    from rba_core.data.tokenizer import Tokenizer
 
 AUDIO_PLACEHOLDER = "<|audio|>"
 

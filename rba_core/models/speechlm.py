@@ -15,7 +15,7 @@ short instructions; the encoder's frames then differ from Whisper's own (see the
 which does not matter because the adapter is trained on, and used on, these unpadded frames.
 
 By default only the adapter is trained: the encoder and the LLM are frozen, and the encoder
-runs without autograd. LoRA (``rba_core.lora``) on chosen LLM projections is optional; the
+runs without autograd. LoRA (``rba_core.models.lora``) on chosen LLM projections is optional; the
 frozen text teacher is then the same LLM with LoRA switched off.
 """
 from __future__ import annotations
@@ -32,18 +32,18 @@ from torch import nn
 
 from rba_core.errors import CheckpointError, ConfigError, TokenizerError
 from rba_core.kernels.audio_adapter import AudioAdapterConfig, FusedAudioAdapter
-from rba_core.lora import (
+from rba_core.models.lora import (
     LORA_WEIGHTS, LoraConfig, apply_lora, load_lora_state_dict, lora_disabled, lora_modules,
     lora_state_dict,
 )
 from rba_core.models.llama import LlamaForCausalLM
 from rba_core.models.whisper import WhisperEncoder
-from rba_core.prompts import AUDIO_PLACEHOLDER, split_student_prompt
-from rba_core.tokenizer import Tokenizer
+from rba_core.data.prompts import AUDIO_PLACEHOLDER, split_student_prompt
+from rba_core.data.tokenizer import Tokenizer
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 # Where the packaged warm-started adapter (for the default Whisper tiny.en + SmolLM2-135M) lives.
-DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parent / "assets" / "speechlm-default"
+DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "assets" / "speechlm-default"
 ADAPTER_FORMAT = "rba-speechlm"
 SPEECH_INPUT = "unpadded"
 DEFAULT_STACK_FACTOR = 8
@@ -209,7 +209,7 @@ class SpeechLM(nn.Module):
     def features(self, waves: Sequence[np.ndarray | torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpadded log-mel features ``[B, n_mels, T]`` and frame lengths of 16 kHz waves."""
-        from rba_core.audio import batch_features
+        from rba_core.data.audio import batch_features
 
         features, lengths = batch_features(list(waves), n_mels=self.n_mels)
         return features.to(self.device), lengths.to(self.device)
@@ -363,7 +363,7 @@ class SpeechLM(nn.Module):
     def save_trainable(self, folder: str | os.PathLike) -> None:
         """Write ``adapter.safetensors`` (the adapter plus any trained encoder/LLM tensors),
         ``lora.safetensors`` when LoRA is on, and ``config.json``; each file atomically."""
-        from rba_core.checkpoint import save_pretrained
+        from rba_core.weights.safetensors_io import save_pretrained
 
         lora_names = set(lora_state_dict(self.llm))
         tensors = {f"adapter.{name}": t.detach() for name, t in self.adapter.state_dict().items()}
@@ -475,7 +475,7 @@ class SpeechLM(nn.Module):
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The config.json of a saved SpeechLM adapter folder, checked for its format."""
-    from rba_core.checkpoint import read_config
+    from rba_core.weights.safetensors_io import read_config
 
     config = read_config(folder)
     if config.get("format") != ADAPTER_FORMAT or not isinstance(config.get("adapter"), dict):

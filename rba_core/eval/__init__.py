@@ -1,0 +1,1 @@
+"""Scoring of a SpeechLM's answers, shared by evaluation and the RL step's held-out checks."""
