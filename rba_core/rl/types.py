@@ -185,8 +185,8 @@ class FlatExperience:
         """Consecutive minibatches of `size` rows (the last may be smaller), in a random
         order drawn from `generator` when one is given (one seed for every random choice)."""
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ConfigError(f"minibatch size must be a positive int, got {size!r}; set it to "
-                              "at most the number of rows")
+            raise ConfigError(f"minibatch size must be a positive int (rows per minibatch), "
+                              f"got {size!r}")
         order = (torch.randperm(self.num_rows, generator=generator) if generator is not None
                  else torch.arange(self.num_rows))
         for start in range(0, self.num_rows, size):
