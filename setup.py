@@ -83,6 +83,8 @@ setup(
         "gguf>=0.10",
         "tqdm",
         "pyyaml",
+        # chrF / BLEU rewards and scores: the reference implementation, not a hand-written one.
+        "sacrebleu>=2.3",
     ],
     extras_require={
         "triton": ["triton>=3.6"],
