@@ -22,6 +22,9 @@ from rba_core.synth import (
 )
 from rba_core.synth.tts import Voice
 
+# Every test here runs the real teacher, Whisper and TTS engines.
+pytestmark = pytest.mark.slow
+
 NUM = 8
 TASKS = ("instruct", "qa", "translate")
 

@@ -1,29 +1,17 @@
-"""SFT and KD losses on a tiny random SpeechLM: each overfits a fixed batch with only the
-adapter trainable, fused equals unfused, the teacher is the LLM on the transcript with LoRA
-off; teacher_loglik against a plain forward; chrF by hand; evaluate_answers."""
+"""SFT and KD losses (rba_core/tasks/distill.py) on a tiny random SpeechLM: each overfits a
+fixed batch with only the adapter trainable, fused equals unfused, SFT is the response NLL, the
+teacher is the LLM on the transcript with LoRA off, and bad options are refused."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from helpers import tiny_speechlm, write_dataset, write_tiny_llm
 from rba_core.data.speech import SpeechDataset
-from rba_core.eval.answers import chrf, evaluate_answers, teacher_loglik
 from rba_core.tasks.distill import kd_loss, sft_loss
 from rba_core.errors import ConfigError
 from rba_core.models.lora import LoraConfig, lora_modules
 from rba_core.models.llama import LlamaForCausalLM
-from rba_core.data.prompts import teacher_messages, teacher_prompt_ids
-from test_speechlm import tiny_speechlm, write_dataset, write_tiny_llm
-
-
-@pytest.fixture()
-def setup(tmp_path):
-    slm = tiny_speechlm(tmp_path / "llm")
-    slm.train()
-    dataset = SpeechDataset(write_dataset(tmp_path / "data"), "train", slm.tokenizer)
-    batch = dataset.batch(range(len(dataset)))
-    assert batch is not None and len(batch) == 3
-    return slm, batch
 
 
 def _train(slm, loss_fn, steps: int, lr: float) -> list[float]:
@@ -39,22 +27,22 @@ def _train(slm, loss_fn, steps: int, lr: float) -> list[float]:
     return losses
 
 
-def test_sft_overfits_a_fixed_batch(setup):
-    slm, batch = setup
+def test_sft_overfits_a_fixed_batch(slm_and_batch):
+    slm, batch = slm_and_batch
     losses = _train(slm, lambda: sft_loss(slm, batch), steps=60, lr=1e-2)
     assert losses[-1] < 0.3 * losses[0], losses[::10]
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-def test_kd_overfits_a_fixed_batch(setup, kind):
-    slm, batch = setup
+def test_kd_overfits_a_fixed_batch(slm_and_batch, kind):
+    slm, batch = slm_and_batch
     teacher, _ = slm.load_teacher()
     losses = _train(slm, lambda: kd_loss(slm, teacher, batch, kind=kind), steps=40, lr=1e-2)
     assert losses[-1] < 0.4 * losses[0], losses[::10]
 
 
-def test_fused_losses_equal_the_unfused_reference(setup):
-    slm, batch = setup
+def test_fused_losses_equal_the_unfused_reference(slm_and_batch):
+    slm, batch = slm_and_batch
     teacher, _ = slm.load_teacher()
     for fn in (lambda fused: sft_loss(slm, batch, fused=fused),
                lambda fused: kd_loss(slm, teacher, batch, kind="jsd", temperature=1.5,
@@ -70,8 +58,8 @@ def test_fused_losses_equal_the_unfused_reference(setup):
         torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
 
 
-def test_sft_loss_is_the_response_nll(setup):
-    slm, batch = setup
+def test_sft_loss_is_the_response_nll(slm_and_batch):
+    slm, batch = slm_and_batch
     loss, metrics = sft_loss(slm, batch)
     # Independent: full logits over each row's own unpadded sequence.
     nll, count = 0.0, 0
@@ -110,8 +98,8 @@ def test_kd_teacher_reads_the_transcript_with_lora_off(tmp_path):
     assert after.grad_fn is None
 
 
-def test_kd_and_sft_reject_bad_options(setup, tmp_path):
-    slm, batch = setup
+def test_kd_and_sft_reject_bad_options(slm_and_batch, tmp_path):
+    slm, batch = slm_and_batch
     teacher, _ = slm.load_teacher()
     padded = LlamaForCausalLM.from_pretrained(write_tiny_llm(tmp_path / "padded", padded_rows=4))
     with pytest.raises(ConfigError, match="LM head has"):
@@ -122,52 +110,3 @@ def test_kd_and_sft_reject_bad_options(setup, tmp_path):
         kd_loss(slm, teacher, batch, temperature=0)
     with pytest.raises(ConfigError, match="reduction"):
         sft_loss(slm, batch, reduction="none")
-
-
-def test_teacher_loglik_matches_a_plain_forward(setup):
-    slm, _ = setup
-    tokenizer = slm.tokenizer
-    prompts = [teacher_prompt_ids(tokenizer, teacher_messages({"instruction": text}))
-               for text in ("what is the capital of france ?", "say hello")]
-    answers = [tokenizer.encode("paris .") + [tokenizer.eos_id], tokenizer.encode("hello world")]
-    result = teacher_loglik(slm.llm, prompts, answers)
-    for b in range(2):
-        ids = torch.tensor(prompts[b] + answers[b])
-        with torch.no_grad():
-            logp = slm.llm(ids[None])[0].log_softmax(-1)
-        start = len(prompts[b]) - 1
-        expected = sum(float(logp[start + i, t]) for i, t in enumerate(answers[b]))
-        assert float(result.total[b]) == pytest.approx(expected, rel=1e-4)
-        assert int(result.tokens[b]) == len(answers[b])
-    assert float(result.per_token[0]) == pytest.approx(float(result.total[0]) / len(answers[0]))
-
-
-def test_chrf_by_hand():
-    assert chrf("the cat", "the cat") == 100.0
-    assert chrf("abc", "xyz") == 0.0
-    assert chrf("a b", "ab") == 100.0     # whitespace is ignored
-    # "ab" vs "abc": 1-grams P=2/2, R=2/3; 2-grams P=1/1, R=1/2; no 3-grams in "ab".
-    # P=1, R=7/12, F2 = 5PR / (4P + R) = 35/55.
-    assert chrf("ab", "abc") == pytest.approx(100 * 35 / 55)
-    assert chrf("abc", "ab") == pytest.approx(100 * 35 / 40)   # P and R swap: 5*(7/12)/(4*7/12+1)
-    assert chrf("", "") == 100.0 and chrf("", "a") == 0.0
-    with pytest.raises(ConfigError):
-        chrf("a", "b", order=0)
-
-
-def test_evaluate_answers_scores_each_row(setup, tmp_path):
-    slm, _ = setup
-    dataset = SpeechDataset(write_dataset(tmp_path / "eval"), "train", slm.tokenizer)
-    report = evaluate_answers(slm, slm.llm, dataset, batch_size=2, max_new_tokens=6)
-    assert [r.id for r in report.rows] == [row["id"] for row in dataset.rows]
-    assert slm.training    # restored after evaluation
-    for index, row in enumerate(report.rows):
-        one = dataset.batch([index])
-        ids = slm.generate_pieces(one.features, one.frame_lengths, one.prompt_before,
-                                  one.prompt_after, max_new_tokens=6)
-        assert row.answer == slm.tokenizer.decode(ids[0]).strip()
-        assert row.chrf == chrf(row.answer, row.reference)
-        ll = teacher_loglik(slm.llm, one.teacher_prompt_ids, ids)
-        assert row.answer_tokens == len(ids[0])
-        assert row.teacher_logprob == pytest.approx(float(ll.per_token[0]), rel=1e-4)
-    assert report.summary()["chrf"] == pytest.approx(sum(r.chrf for r in report.rows) / 3)

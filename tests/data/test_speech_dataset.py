@@ -10,6 +10,7 @@ import pytest
 import soundfile
 import torch
 
+from helpers import ROWS, random_wave, write_dataset, write_tiny_llm
 from rba_core.data.audio import batch_features, load_audio
 from rba_core.data.speech import (
     SpeechDataset, collate, length_bucketed_batches, shard_batch,
@@ -17,7 +18,6 @@ from rba_core.data.speech import (
 from rba_core.errors import ConfigError
 from rba_core.data.prompts import student_messages
 from rba_core.data.tokenizer import Tokenizer
-from test_speechlm import ROWS, random_wave, write_dataset, write_tiny_llm
 
 
 @pytest.fixture()

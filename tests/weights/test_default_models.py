@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import relative_error
 from rba_core.weights import prepare as prep
 from rba_core.errors import ConversionError
 from rba_core.weights.prepare import (
@@ -33,12 +34,9 @@ def folders():
     return prepare_models(progress=False)
 
 
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
-
-
 # --- rba prepare --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_default_models_prepared_in_default_cache(folders):
     assert list(folders) == list(DEFAULT_MODELS)
     for name, folder in folders.items():
@@ -52,6 +50,7 @@ def test_default_models_prepared_in_default_cache(folders):
     assert before == {n: (f / "model.safetensors").stat().st_mtime_ns for n, f in again.items()}
 
 
+@pytest.mark.slow
 def test_prepare_command_is_idempotent_atomic_and_forceable(tmp_path, capsys):
     from rba_core.cli import main
 
@@ -138,6 +137,7 @@ def smollm2(folders):
     return folder, tokenizer, reference, torch.tensor([tokenizer.encode(prompt)])
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_reply_names_paris(smollm2):
     _, tokenizer, reference, prompt = smollm2
     with torch.no_grad():
@@ -147,6 +147,7 @@ def test_smollm2_greedy_reply_names_paris(smollm2):
     assert "Paris" in reply, reply
 
 
+@pytest.mark.slow
 def test_smollm2_answer_is_likely(smollm2):
     """With Q/K un-permuted the model is confident in the right answer (mean NLL about 0.3 per
     token; with llama.cpp's layout left in place it is several times higher)."""
@@ -159,6 +160,7 @@ def test_smollm2_answer_is_likely(smollm2):
     assert nll.item() < 1.0, nll.item()
 
 
+@pytest.mark.slow
 def test_smollm2_our_logits_equal_transformers(smollm2):
     from rba_core.models.llama import LlamaForCausalLM
 
@@ -200,6 +202,7 @@ def spoken_features(whisper, tmp_path_factory):
     return extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
 
 
+@pytest.mark.slow
 def test_whisper_loads_into_transformers_completely(whisper):
     folder, model, info, _ = whisper
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -226,12 +229,14 @@ def greedy_transcript(model, tokenizer: Tokenizer, features: torch.Tensor,
     return tokenizer.decode(ids).lower()
 
 
+@pytest.mark.slow
 def test_whisper_transcribes_speech(whisper, spoken_features):
     folder, model, _, _ = whisper
     text = greedy_transcript(model, Tokenizer.from_pretrained(folder), spoken_features)
     assert "quick brown fox" in text and "lazy dog" in text, text
 
 
+@pytest.mark.slow
 def test_whisper_our_encoder_equals_transformers(whisper, spoken_features):
     from rba_core.models.whisper import WhisperEncoder
 
@@ -246,6 +251,7 @@ def test_whisper_our_encoder_equals_transformers(whisper, spoken_features):
     assert np.isfinite(got.numpy()).all()
 
 
+@pytest.mark.slow
 def test_whisper_base_converts_completely_and_matches_our_encoder(spoken_features):
     """The larger, multilingual option: converted from the two-part package pair."""
     from transformers import WhisperForConditionalGeneration

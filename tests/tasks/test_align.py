@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import adapter_weights, killed_then_resumed, speech_config
 from rba_core.tasks.align import (
     BLANK, CTCAlignHead, alignment_vocabulary, ctc_align_loss, greedy_decode, spoken_text,
     transcript_ids,
@@ -17,9 +18,6 @@ from rba_core.tasks.align import (
 from rba_core.errors import ConfigError
 from rba_core.train import Trainer
 from rba_core.train.metrics import read_metrics
-from test_trainer import (  # noqa: F401
-    adapter_weights, killed_then_resumed, speech_config, tiny_models,
-)
 
 
 def test_loss_is_the_per_token_mean_of_each_clips_own_ctc():

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import rba_core.synth.dataset as dataset_module
+from helpers import ToneTTS
 from rba_core.errors import ConfigError
 from rba_core.synth import SynthConfig, read_manifest
 from rba_core.synth.dataset import DatasetWriter
 from rba_core.synth.read import READ_TASK, answer_sentences, run_read
 from rba_core.synth.recipes import READ_PROMPT
-from test_synth import ToneTTS
 
 ANSWERS = [
     # (split, voice, truncated, response)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import soundfile
 
+from helpers import ToneTTS
 from rba_core.errors import ConfigError
 from rba_core.synth import (
     NearDuplicateIndex,
     SynthConfig,
     SynthesisFailed,
-    Voice,
     jaccard,
     normalize_for_speech,
     number_to_words,
@@ -159,6 +159,7 @@ def test_postprocess_resamples_trims_and_normalises_loudness():
         postprocess(np.array([np.nan, 1.0], dtype=np.float32), rate)
 
 
+@pytest.mark.slow
 def test_espeak_backend_speaks_text_starting_with_a_dash():
     backend = tts_module.EspeakBackend()
     voices = backend.voices()
@@ -222,26 +223,6 @@ class ScriptedTeacher:
     def respond(self, user_messages, seeds, *, max_new_tokens, temperature):
         return [Generation(f"Answer {len(m.split())}", ended=len(m) % 2 == 0)
                 for m in user_messages]
-
-
-class ToneTTS:
-    name = "tone"
-
-    def identifier(self):
-        return "tone 1"
-
-    def voices(self):
-        return ["a+1", "a+2", "b+1", "b+2"]
-
-    def draw(self, rng, voices):
-        return Voice("tone", rng.choice(voices), 1.0, float(rng.randint(100, 300)))
-
-    def synthesize(self, text, voice):
-        if "failnow" in text:
-            raise SynthesisFailed("scripted failure")
-        rate = 22050
-        t = np.arange(int(rate * 0.04 * len(text.split()))) / rate
-        return (0.3 * np.sin(2 * np.pi * voice.pitch * t)).astype(np.float32), rate
 
 
 def make_config(out, num=12, **overrides) -> SynthConfig:
@@ -437,6 +418,7 @@ def test_filters_that_reject_everything_stop_at_max_candidates(tmp_path):
     assert summary["tasks"]["instruct"]["filters"]["too_short"] > 0
 
 
+@pytest.mark.slow
 def test_magpie_prefix_keeps_the_default_system_turn():
     from rba_core.weights.prepare import default_model_dir
     from rba_core.synth import magpie_prefix

@@ -44,6 +44,7 @@ def both(smollm2):
     return Tokenizer.from_pretrained(smollm2), AutoTokenizer.from_pretrained(smollm2)
 
 
+@pytest.mark.slow
 def test_encode_decode_match_transformers(both):
     ours, theirs = both
     for text in TEXTS:
@@ -55,6 +56,7 @@ def test_encode_decode_match_transformers(both):
     assert ours.decode(ours.encode(TEXTS[3])) == TEXTS[3]
 
 
+@pytest.mark.slow
 def test_chat_template_matches_transformers(both):
     ours, theirs = both
     for messages in CONVERSATIONS:
@@ -67,6 +69,7 @@ def test_chat_template_matches_transformers(both):
     assert rendered.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_special_tokens_of_smollm2(both):
     ours, theirs = both
     assert ours.bos_id == 1 and ours.eos_id == 2
@@ -76,6 +79,7 @@ def test_special_tokens_of_smollm2(both):
     assert ours.get_vocab() == theirs.get_vocab()
 
 
+@pytest.mark.slow
 def test_same_vocabulary(smollm2, tmp_path):
     first = Tokenizer.from_pretrained(smollm2)
     assert first.same_vocabulary(Tokenizer.from_pretrained(smollm2))

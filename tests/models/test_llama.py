@@ -9,7 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import SESSION_SEED
+from helpers import SESSION_SEED, relative_error
 from rba_core.cli import main as cli_main
 from rba_core.errors import CheckpointError, ConfigError
 from rba_core.generation import generate
@@ -33,10 +33,6 @@ CASES = {
     "qwen2-biases-tied": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
                           dict(tie_word_embeddings=True)),
 }
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

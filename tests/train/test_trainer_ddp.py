@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from helpers import (ROWS, rba_train, tiny_speechlm, write_dataset, write_tiny_encoder,
+                     write_tiny_llm)
+
 SETTINGS = ["run.progress=false", "run.plot=false", "run.max_epochs=0", "run.device=cpu",
             "run.dtype=float32", "schedule.kind=constant", "schedule.warmup_steps=2",
             "optim.grad_clip=0.5", "optim.weight_decay=0.01", "seed=5"]
@@ -41,15 +44,11 @@ def command_args(root: Path) -> list[str]:
 
 
 def write_speech_files(root: Path) -> None:
-    from test_speechlm import ROWS, write_dataset, write_tiny_llm
-
     write_tiny_llm(root / "llm")
     write_dataset(root / "data", ROWS * 2)
 
 
 def speech_task(root: Path, batch_size: int):
-    from test_speechlm import tiny_speechlm
-
     from rba_core.data.speech import SpeechDataset
     from rba_core.tasks.speech import SpeechDistillTask
 
@@ -74,8 +73,6 @@ def trained(task) -> list[torch.Tensor]:
 
 
 def worker(out: Path) -> None:
-    from test_trainer import _rba_train, write_tiny_encoder
-
     from rba_core.train import init_distributed, shutdown
     from rba_core.train.distributed import barrier
 
@@ -114,7 +111,7 @@ def worker(out: Path) -> None:
     results["speech-fsdp"] = (trained(task), summary.skipped_steps)
 
     # `rba train` with LoRA inside the FSDP-sharded layers: the exported adapter is whole.
-    assert _rba_train(command_args(out)) == 0
+    assert rba_train(command_args(out)) == 0
 
     if info.rank == 0:
         torch.save(results, out / "results.pt")
@@ -123,7 +120,11 @@ def worker(out: Path) -> None:
 
 
 def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # The worker runs this file as a script, so tests/ (for helpers) goes on its path.
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir,
+                                                        os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", __file__, str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

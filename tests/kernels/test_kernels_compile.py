@@ -14,7 +14,7 @@ import pytest
 
 from rba_core.kernels.compile_check import TRITON_MODULES
 
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
 
 def run_compile_check(*args, extra_path=None):
