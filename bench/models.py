@@ -14,9 +14,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from rba_core.dtypes import DTYPE_NAMES, parse_dtype
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -38,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per measurement; the fastest counts")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for both (default: torch's choice); on a shared "
                              "machine 1 avoids OpenMP waits on descheduled threads")
@@ -60,23 +61,24 @@ def best_time(function, repeats: int) -> tuple[float, object]:
 
 def main() -> int:
     args = parse_args()
-    from rba_core.weights.prepare import default_model_dir
+    from rba_core.errors import ConfigError
+    from rba_core.weights.prepare import DEFAULT_LLM, resolve_model_dir
 
-    folder = Path(args.model) if args.model else Path(default_model_dir("smollm2-135m-instruct"))
-    if not (folder / "config.json").is_file():
-        print(f"bench/models.py: no converted model at {folder}. Make it with `rba prepare` "
-              "(or pass --model DIR).", file=sys.stderr)
+    try:
+        folder = resolve_model_dir(args.model, DEFAULT_LLM, "--model")
+    except ConfigError as error:
+        print(f"bench/models.py: {error}", file=sys.stderr)
         return 1
 
     import transformers
 
-    from rba_core.generation import generate
+    from rba_core.rollout import RolloutEngine, SamplingConfig, generate
     from rba_core.weights.loading import load_model
     from rba_core.data.tokenizer import Tokenizer
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = parse_dtype(args.dtype, "--dtype")
     tokenizer = Tokenizer.from_pretrained(folder)
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
                for q in QUESTIONS]
@@ -92,8 +94,11 @@ def main() -> int:
             folder, dtype=dtype).to(args.device).eval(), args.repeats)
     hf.generation_config.eos_token_id = None  # fixed-length runs: every row makes N tokens
 
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
+    engine = RolloutEngine(ours, max_new_tokens=args.new_tokens)
+
     def run_ours(batch: list[list[int]]) -> list[list[int]]:
-        return generate(ours, batch, max_new_tokens=args.new_tokens, pad_id=pad_id)
+        return generate(ours, batch, greedy, engine=engine)
 
     def run_hf(batch: list[list[int]]) -> list[list[int]]:
         width = max(map(len, batch))

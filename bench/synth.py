@@ -4,7 +4,7 @@
 
 (a) Magpie instructions: samples/s of the rollout engine (groups of 8 sharing the prefix, all
     groups in one batch, as `rba synth` runs) against a loop that generates one sample at a
-    time with `rba_core.generation.generate` (same model, sampling settings and stop ids);
+    time with `rba_core.rollout.generate` (same model, sampling settings and stop ids);
 (b) responses: greedy answers to NUM instructions, one batched rollout call against the
     one-prompt-at-a-time loop;
 (c) TTS: espeak-ng clips/s (synthesis, 16 kHz resampling, loudness, FLAC) with one worker and
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from rba_core.generation import generate
+    from rba_core.rollout import SamplingConfig, generate
     from rba_core.synth import RolloutTeacher, make_backend, normalize_for_speech, postprocess
     from rba_core.synth.pipeline import GROUP_SIZE, stable_seed
     from rba_core.synth.teacher import magpie_prefix
@@ -62,8 +62,9 @@ def main() -> None:
                                   temperature=0.8, top_p=0.95, system=None)
 
     def looped_instructions():
-        return [generate(model, [prefix], max_new_tokens=args.instruction_tokens,
-                         temperature=0.8, top_p=0.95, stop_ids=stop_ids, seed=i)[0]
+        sampling = SamplingConfig(max_new_tokens=args.instruction_tokens, temperature=0.8,
+                                  top_p=0.95, stop_ids=tuple(stop_ids))
+        return [generate(model, [prefix], sampling, seed=i)[0]
                 for i in range(n_instr)]
 
     batched_instructions()  # warm-up: cache allocation
@@ -85,7 +86,9 @@ def main() -> None:
                for m in instructions]
 
     def looped_responses():
-        return [generate(model, [p], max_new_tokens=args.response_tokens, stop_ids=stop_ids)[0]
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=args.response_tokens,
+                                stop_ids=tuple(stop_ids))
+        return [generate(model, [p], greedy)[0]
                 for p in prompts]
 
     t_batch_r, replies = timed(batched_responses)

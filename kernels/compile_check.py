@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 # Every kernels/*_triton.py module, by its installed name. A new Triton module is added here
-# (tests/test_kernels_compile.py fails while one is missing).
+# (tests/kernels/test_kernels_compile.py fails while one is missing).
 TRITON_MODULES = (
     "rba_core.kernels.linear_logprobs_triton",
     "rba_core.kernels.policy_loss_triton",

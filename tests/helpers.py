@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from rba_core.models.lora import LoraConfig
     from rba_core.models.speechlm import SpeechLM
-    from rba_core.train import TrainConfig
+    from rba_core.train import TrainerConfig
 
 # Fresh random inputs on every run, yet any failure reproduces: conftest prints the seed in
 # the header and RBA_TEST_SEED=<seed> replays it.
@@ -192,11 +192,12 @@ class Killed(Exception):
     """Stands in for the process dying mid-run."""
 
 
-def speech_config(models, output: Path, *overrides: str) -> TrainConfig:
-    """A CPU training config over the ``tiny_models`` fixture's encoder, LLM and data."""
-    from rba_core.train import TrainConfig, build_config
+def speech_config(models, output: Path, *overrides: str) -> TrainerConfig:
+    """A CPU training config (of the task the overrides name, default kd) over the
+    ``tiny_models`` fixture's encoder, LLM and data."""
+    from rba_core.tasks import build_task_config
 
-    return build_config(TrainConfig, {}, [
+    return build_task_config({}, [
         f"model.encoder={models['encoder']}", f"model.llm={models['llm']}",
         f"data.dir={models['data']}", "data.batch_size=2", f"run.output_dir={output}",
         "run.progress=false", "run.plot=false", "run.max_epochs=0", "run.device=cpu",
@@ -207,15 +208,15 @@ def adapter_weights(task) -> list[torch.Tensor]:
     return [p.detach().clone() for p in task.trainable_parameters()]
 
 
-def killed_then_resumed(config: TrainConfig, *, die_on_call: int):
+def killed_then_resumed(config: TrainerConfig, *, die_on_call: int):
     """The SpeechLM task of ``config`` (built after seeding 0) trained until its loss is
     called the ``die_on_call``-th time, where the process "dies"; then a fresh task (seeded
     differently: the checkpoint must overwrite it) resumed to the end. Returns that task."""
-    from rba_core.tasks.speech import build_speech_task
+    from rba_core.tasks import build_task
     from rba_core.train import Trainer
 
     torch.manual_seed(0)
-    dying = build_speech_task(config, torch.device("cpu"))
+    dying = build_task(config, torch.device("cpu"))
     real_loss, calls = dying.loss, []
 
     def dies(batch):
@@ -228,7 +229,7 @@ def killed_then_resumed(config: TrainConfig, *, die_on_call: int):
     with pytest.raises(Killed):
         Trainer(config, dying).train()
     torch.manual_seed(123)
-    resumed = build_speech_task(config, torch.device("cpu"))
+    resumed = build_task(config, torch.device("cpu"))
     Trainer(config, resumed).train()
     return resumed
 
@@ -269,3 +270,39 @@ class ToneTTS:
         rate = 22050
         t = np.arange(int(rate * 0.04 * len(text.split()))) / rate
         return (0.3 * np.sin(2 * np.pi * voice.pitch * t)).astype(np.float32), rate
+
+
+# ------------------------------------------------------------------ the decode oracle
+@torch.no_grad()
+def reference_generate(model, prompts, *, max_new_tokens: int, stop_ids=(),
+                       use_cache: bool = True, pad_id: int = 0) -> list[list[int]]:
+    """Greedy continuations by the plainest loop: left-padded prompts through the model's own
+    forward, with its flat KVCache or (``use_cache=False``) the whole sequence every step.
+    The oracle for the rollout engine, the one decode path of the package."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt))
+        mask[row, width - len(prompt):] = 1
+    stop = set(stop_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    cache = model.new_kv_cache(len(prompts), width + max_new_tokens) if use_cache else None
+    step_ids, step_mask = ids, mask
+    for _ in range(max_new_tokens):
+        hidden = model(step_ids, attention_mask=step_mask, kv_cache=cache, return_hidden=True)
+        token = (hidden[:, -1] @ model.lm_head_weight.T).argmax(-1)
+        for row, t in enumerate(token.tolist()):
+            if not done[row]:
+                out[row].append(t)
+                done[row] = t in stop
+        if all(done):
+            break
+        if cache is not None:
+            step_ids, step_mask = token[:, None], None
+        else:
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step_ids, step_mask = ids, mask
+    return out

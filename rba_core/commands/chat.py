@@ -7,9 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_ENCODER = "whisper-tiny.en"
-DEFAULT_LLM = "smollm2-135m-instruct"
-DTYPES = ("float32", "bfloat16", "float16")
+from rba_core.commands.options import add_sampling_flags, sampling_from_args
+from rba_core.dtypes import DTYPE_NAMES
+from rba_core.weights.prepare import DEFAULT_ENCODER, DEFAULT_LLM
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,8 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", metavar="TEXT", default="",
                         help="task text beside the audio, e.g. 'Translate the audio into "
                              "French.' (default: none, the audio is the instruction)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
-                        help="most tokens per answer (default: 64)")
     parser.add_argument("--encoder", metavar="DIR", default=None,
                         help=f"Whisper folder (default: `rba prepare`'s {DEFAULT_ENCODER})")
     parser.add_argument("--llm", metavar="DIR", default=None,
@@ -48,41 +46,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--teacher", metavar="DIR", default=None,
                         help="another LLM with the same tokenizer as the text teacher "
                              "(default: the SpeechLM's own LLM)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="initialises an untrained adapter (default: 0)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+    add_sampling_flags(parser)
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                         help="weight dtype (default: float32)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.set_defaults(handler=run)
 
 
-def _model_dir(given: str | None, name: str, flag: str) -> Path:
-    from rba_core.errors import ConfigError
-    from rba_core.weights.prepare import default_model_dir
-
-    if given is not None:
-        return Path(given)
-    folder = Path(default_model_dir(name))
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"the default model {name} is not prepared at {folder}; run "
-                          f"`rba prepare` first or pass {flag} DIR")
-    return folder
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rba_core.errors import ConfigError
-    from rba_core.generation import generate
-    from rba_core.models.lora import lora_disabled
     from rba_core.data.prompts import student_messages, teacher_messages, teacher_prompt_ids
+    from rba_core.dtypes import parse_dtype
+    from rba_core.models.lora import lora_disabled
     from rba_core.models.speechlm import DEFAULT_ADAPTER_DIR, SpeechLM
+    from rba_core.rollout import generate
 
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    sampling_from_args(args, ())  # bad flags fail before any model loads
     rows, waves = _requests(args)
-    encoder_dir = _model_dir(args.encoder, DEFAULT_ENCODER, "--encoder")
-    llm_dir = _model_dir(args.llm, DEFAULT_LLM, "--llm")
+    from rba_core.weights.prepare import resolve_model_dir
+
+    encoder_dir = resolve_model_dir(args.encoder, DEFAULT_ENCODER, "--encoder")
+    llm_dir = resolve_model_dir(args.llm, DEFAULT_LLM, "--llm")
     adapter = args.adapter
     if adapter is None and args.encoder is None and args.llm is None \
             and (DEFAULT_ADAPTER_DIR / "config.json").is_file():
@@ -92,19 +77,19 @@ def run(args: argparse.Namespace) -> int:
               "from an untrained adapter and will not follow the audio", file=sys.stderr)
     torch.manual_seed(args.seed)
     speechlm = SpeechLM.from_pretrained(encoder_dir, llm_dir, adapter,
-                                        dtype=getattr(torch, args.dtype), device=args.device)
+                                        dtype=parse_dtype(args.dtype, "--dtype"),
+                                        device=args.device)
     speechlm.eval()
-    answers = speechlm.answer(waves, [student_messages(row) for row in rows],
-                              max_new_tokens=args.max_new_tokens)
+    sampling = sampling_from_args(args, speechlm.tokenizer.stop_ids)
+    answers = speechlm.answer(waves, [student_messages(row) for row in rows], sampling,
+                              seed=args.seed)
     if args.data is None and args.transcript is None:
         print(answers[0])
         return 0
     teacher, tokenizer = speechlm.load_teacher(args.teacher)
     prompts = [teacher_prompt_ids(tokenizer, teacher_messages(row)) for row in rows]
     with lora_disabled(teacher):
-        replies = generate(teacher, prompts, max_new_tokens=args.max_new_tokens,
-                           stop_ids=tokenizer.stop_ids,
-                           pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+        replies = generate(teacher, prompts, sampling, seed=args.seed)
     for index, (row, answer, reply) in enumerate(zip(rows, answers, replies)):
         if args.data is not None:
             voice = row.get("voice", {}).get("voice", "?")

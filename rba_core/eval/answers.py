@@ -16,7 +16,7 @@ import torch
 from rba_core.errors import ConfigError
 from rba_core.models.llama import LlamaForCausalLM
 from rba_core.models.lora import lora_disabled
-from rba_core.rollout import RolloutEngine
+from rba_core.rollout import RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
     from rba_core.data.speech import SpeechDataset
@@ -143,9 +143,9 @@ def evaluate_answers(speechlm: "SpeechLM", teacher_llm: LlamaForCausalLM,
             if batch is None:
                 continue
             batch = batch.to(speechlm.device)
-            answers = speechlm.generate_pieces(batch.features, batch.frame_lengths,
-                                               batch.prompt_before, batch.prompt_after,
-                                               max_new_tokens=max_new_tokens)
+            answers = speechlm.generate_pieces(
+                batch.features, batch.frame_lengths, batch.prompt_before, batch.prompt_after,
+                SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens))
             loglik = teacher_loglik(teacher_llm, batch.teacher_prompt_ids, answers)
             for b, row in enumerate(batch.rows):
                 text = speechlm.tokenizer.decode(answers[b], skip_special_tokens=True).strip()

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -374,6 +374,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=use_causal)
 
 
+class LayerAttention(Protocol):
+    """What a layer asks of its cache type: the attended values ``[B, H, T, D]`` for its rotated
+    queries ``[B, H, T, D]`` and new keys / values ``[B, Hkv, T, D]``. ``KVCache`` (one flat
+    sequence per row) and the rollout's shared-prefix attentions implement it, so one layer
+    loop serves plain forwards, cached decoding, and a prompt shared by G continuations."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> torch.Tensor: ...
+
+
+class FlatAttention:
+    """Causal attention over one flat sequence per row (no cache), with padding masks."""
+
+    def __init__(self, masks: dict[int | None, torch.Tensor | None]) -> None:
+        self.masks = masks
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        return attention(q, k, v, mask=self.masks[window], causal=True, window=window)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for ``max_len`` positions so decoding
     never reallocates. All rows share one write position (prompts are left-padded); which
@@ -392,6 +413,8 @@ class KVCache:
         self.length = 0
         self.has_padding = False
         self.max_len = max_len
+        # The attention masks of the tokens being written, per sliding window (set by the model).
+        self.masks: dict[int | None, torch.Tensor | None] = {}
 
     @property
     def batch_size(self) -> int:
@@ -415,6 +438,12 @@ class KVCache:
         else:
             self.key_valid[:, self.length:end] = valid.bool()
             self.has_padding = True
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        """``LayerAttention``: append the new keys/values, attend over everything held."""
+        keys, values = self.update(layer, k, v)
+        return attention(q, keys, values, mask=self.masks[window], causal=True, window=window)
 
     def update(self, layer: int, key: torch.Tensor,
                value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,16 +503,6 @@ class LlamaAttention(nn.Module):
         """``[B, H, T, D]`` -> ``[B, T, hidden]``."""
         return self.o_proj(merge_heads(attended))
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                mask: torch.Tensor | None, causal: bool,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = self.project_qkv(hidden)
-        q, k = apply_rotary(q, k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)
-        return self.project_out(attention(q, k, v, mask=mask, causal=causal,
-                                          window=self.window))
-
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -505,12 +524,20 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                mask: torch.Tensor | None, causal: bool,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask=mask,
-                                         causal=causal, kv_cache=kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: "LayerAttention", packed: Any = None) -> torch.Tensor:
+        """One pre-norm block. ``attention`` (the cache type) turns this layer's rotated q and
+        k, and v, into the attended values; ``packed`` (a ``PackedLayer``, no grad) replaces
+        the projections with fused, prepacked copies. Called as a module, so FSDP's hooks
+        gather the layer's weights."""
+        attn = self.self_attn
+        project_qkv, project_out, mlp = ((attn.project_qkv, attn.project_out, self.mlp)
+                                         if packed is None else
+                                         (packed.project_qkv, packed.project_out, packed.mlp))
+        q, k, v = project_qkv(self.input_layernorm(hidden))
+        q, k = apply_rotary(q, k, cos, sin)
+        hidden = hidden + project_out(attention.attend(attn.layer_idx, q, k, v, attn.window))
+        return hidden + mlp(self.post_attention_layernorm(hidden))
 
 
 class LlamaModel(nn.Module):
@@ -561,15 +588,20 @@ class LlamaForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: "KVCache | LayerAttention | None" = None,
         return_hidden: bool = False,
+        packed: Any = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, V]``, or with ``return_hidden`` the final-normed hidden states
         ``[B, T, hidden]``.
 
         ``attention_mask`` ``[B, T]`` marks real tokens (1) and padding (0) among the new
         tokens; prompts are left-padded, and rotary positions count real tokens only. With a
-        ``kv_cache`` the new tokens follow what the cache holds and are appended to it.
+        ``KVCache`` the new tokens follow what the cache holds and are appended to it. Any
+        other ``kv_cache`` is a cache type of its own (``LayerAttention``, e.g. the rollout's
+        shared-prefix attentions): it attends, and ``position_ids`` must be given.
+        ``packed`` (``rba_core.models.packed.PackedProjections``, no grad) runs the layers'
+        projections from fused, prepacked weight copies.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LlamaForCausalLM.forward: pass exactly one of input_ids and "
@@ -579,30 +611,48 @@ class LlamaForCausalLM(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must "
                              f"be [batch, new tokens] = {[batch, length]}")
-        past = kv_cache.length if kv_cache is not None else 0
-        if kv_cache is not None and kv_cache.batch_size != batch:
-            raise ValueError(f"kv_cache was allocated for batch {kv_cache.batch_size}, inputs "
-                             f"have batch {batch}")
-        if position_ids is None:
-            position_ids = self._positions(batch, length, attention_mask, kv_cache, hidden.device)
+        flat_cache = kv_cache if isinstance(kv_cache, KVCache) else None
+        if kv_cache is None or flat_cache is not None:
+            attention = self._flat_attention(hidden, attention_mask, flat_cache)
+            if position_ids is None:
+                position_ids = self._positions(batch, length, attention_mask, flat_cache,
+                                               hidden.device)
+        else:
+            if position_ids is None:
+                raise ValueError("LlamaForCausalLM.forward: a shared-prefix cache type needs "
+                                 "position_ids")
+            attention = kv_cache
         cos, sin = self.model.rotary_emb(position_ids, hidden.dtype)
+        layers = packed.layers if packed is not None else [None] * len(self.model.layers)
+        for layer, packed_layer in zip(self.model.layers, layers):
+            hidden = layer(hidden, cos, sin, attention, packed_layer)
+        if flat_cache is not None:
+            flat_cache.advance(length, attention_mask)
+        hidden = self.model.norm(hidden)
+        if return_hidden:
+            return hidden
+        head = self.lm_head_weight if packed is None else None
+        return F.linear(hidden, head) if head is not None else packed.lm_head(hidden)
 
+    def _flat_attention(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                        kv_cache: "KVCache | None") -> "LayerAttention":
+        """Masks for one flat sequence per row, recorded in the KVCache when there is one."""
+        batch, length = hidden.shape[:2]
+        past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None:
+            if kv_cache.batch_size != batch:
+                raise ValueError(f"kv_cache was allocated for batch {kv_cache.batch_size}, "
+                                 f"inputs have batch {batch}")
             kv_cache.begin(length, attention_mask)
             key_valid = kv_cache.key_valid if kv_cache.has_padding else None
         else:
             key_valid = attention_mask
         masks = {window: build_attention_mask(key_valid, past, length, window, hidden.device)
                  for window in set(self.config.sliding_windows)}
-        for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, mask=masks[layer.self_attn.window], causal=True,
-                           kv_cache=kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(length, attention_mask)
-        hidden = self.model.norm(hidden)
-        if return_hidden:
-            return hidden
-        return F.linear(hidden, self.lm_head_weight)
+        if kv_cache is None:
+            return FlatAttention(masks)
+        kv_cache.masks = masks
+        return kv_cache
 
     @staticmethod
     def _positions(batch: int, length: int, attention_mask: torch.Tensor | None,

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from rba_core.models.llama import LlamaForCausalLM
 from rba_core.models.whisper import WhisperEncoder
 from rba_core.data.prompts import AUDIO_PLACEHOLDER, split_student_prompt
 from rba_core.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from rba_core.rollout import RolloutEngine, SamplingConfig
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 # Where the packaged warm-started adapter (for the default Whisper tiny.en + SmolLM2-135M) lives.
@@ -64,27 +67,6 @@ def _pad_id(tokenizer: Tokenizer) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def text_response_hidden(llm: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]],
-                         response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states ``[B, R, D]`` at the positions that predict each response token,
-    for a text prompt: row b reads ``prompt_ids[b]`` (left-padded) then ``response_ids[b]``."""
-    device = llm.lm_head_weight.device
-    if len(prompt_ids) != response_ids.shape[0] or any(len(p) == 0 for p in prompt_ids):
-        raise ConfigError(f"text_response_hidden: need one non-empty prompt per response row; "
-                          f"got {len(prompt_ids)} prompts for {response_ids.shape[0]} responses")
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.zeros(len(prompt_ids), width, dtype=torch.long)
-    mask = torch.zeros(len(prompt_ids), width, dtype=torch.bool)
-    for row, prompt in enumerate(prompt_ids):
-        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt):] = True
-    response_ids = response_ids.to(device)
-    embeds = llm.embed(torch.cat([ids.to(device), response_ids], dim=1))
-    full_mask = torch.cat([mask.to(device), response_mask.to(device).bool()], dim=1)
-    hidden = llm(inputs_embeds=embeds, attention_mask=full_mask, return_hidden=True)
-    return hidden[:, width - 1: width - 1 + response_ids.shape[1]]
 
 
 def load_teacher(folder: str | os.PathLike, student_tokenizer: Tokenizer, *,
@@ -141,6 +123,7 @@ class SpeechLM(nn.Module):
             apply_lora(llm, lora)
             self.lora_config = lora
         self.pad_id = _pad_id(tokenizer)
+        self._engine: "RolloutEngine | None" = None
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -167,7 +150,12 @@ class SpeechLM(nn.Module):
         saved: dict[str, Any] | None = None
         if adapter is not None:
             saved = read_adapter_config(adapter)
-            stored = AudioAdapterConfig(**saved["adapter"])
+            try:
+                stored = AudioAdapterConfig(**saved["adapter"])
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{Path(adapter) / 'config.json'}: bad adapter section "
+                                      f"({error}); pass a folder written by "
+                                      "SpeechLM.save_trainable") from error
             if adapter_config is not None and asdict(adapter_config) != asdict(stored):
                 raise ConfigError(f"{adapter}: the saved adapter has config {asdict(stored)}, "
                                   f"which differs from adapter_config {asdict(adapter_config)}; "
@@ -316,8 +304,13 @@ class SpeechLM(nn.Module):
                        response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
         """The teacher's hidden states over the response given the transcript prompt, without
         autograd; this SpeechLM's own LLM runs with LoRA switched off."""
+        from rba_core.rollout import shared_prefix_hidden
+
+        prompts = [torch.as_tensor(list(p), dtype=torch.long) for p in prompt_ids]
+        lengths = response_mask.bool().sum(-1)[:, None]
         with torch.no_grad(), lora_disabled(teacher):
-            return text_response_hidden(teacher, prompt_ids, response_ids, response_mask)
+            hidden = shared_prefix_hidden(teacher, prompts, response_ids[:, None], lengths)
+        return hidden[:, 0]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -419,57 +412,44 @@ class SpeechLM(nn.Module):
 
     # ------------------------------------------------------------------------ inference
     def generate(self, features: torch.Tensor, frame_lengths: torch.Tensor,
-                 prompts: Sequence[Messages], **sampling: Any) -> list[list[int]]:
-        """New token ids per clip (greedy by default), each ending at its first stop id
-        (included) or after ``max_new_tokens``; ``sampling`` as in ``generate_pieces``."""
+                 prompts: Sequence[Messages], sampling: "SamplingConfig | None" = None, *,
+                 seed: int = 0) -> list[list[int]]:
+        """New token ids per clip, each ending at its first stop id (included) or after
+        ``sampling.max_new_tokens``. ``sampling`` defaults to greedy, 64 tokens; without
+        ``stop_ids`` of its own it stops at the tokenizer's."""
         pieces = [self.split_prompt(messages) for messages in prompts]
         return self.generate_pieces(features, frame_lengths, [p[0] for p in pieces],
-                                    [p[1] for p in pieces], **sampling)
+                                    [p[1] for p in pieces], sampling, seed=seed)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate_pieces(self, features: torch.Tensor, frame_lengths: torch.Tensor,
                         before_ids: Sequence[Sequence[int]], after_ids: Sequence[Sequence[int]],
-                        *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                        top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
-        """``generate`` from pre-tokenized prompt pieces (a ``SpeechBatch``'s)."""
-        from rba_core.generation import SamplingConfig, cut_at_stop, select_next_tokens
+                        sampling: "SamplingConfig | None" = None, *, seed: int = 0
+                        ) -> list[list[int]]:
+        """``generate`` from pre-tokenized prompt pieces (a ``SpeechBatch``'s), through the
+        rollout engine at group size 1 (clip b draws from seed ``seed + b``)."""
+        from rba_core.rollout import RolloutEngine, SamplingConfig, generate
 
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, stop_ids=tuple(self.tokenizer.stop_ids),
-                                  seed=seed)
-        sampling.validate()
-        embeds, mask = self.embed_speech_pieces(features, frame_lengths, before_ids, after_ids)
-        batch, width = mask.shape
-        device = self.device
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        stop = torch.tensor(sorted(set(sampling.stop_ids)), dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        produced: list[torch.Tensor] = []
-        cache = self.llm.new_kv_cache(batch, width + max_new_tokens)
-        head = self.llm.lm_head_weight
-        hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache,
-                          return_hidden=True)
-        for _ in range(max_new_tokens):
-            token = select_next_tokens(nn.functional.linear(hidden[:, -1], head), sampling,
-                                       generator)
-            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
-            produced.append(token)
-            if stop.numel():
-                finished |= torch.isin(token, stop)
-            if bool(finished.all()) or len(produced) == max_new_tokens:
-                break
-            hidden = self.llm(token[:, None], kv_cache=cache, return_hidden=True)
-        rows = torch.stack(produced, dim=1).tolist() if produced else [[] for _ in range(batch)]
-        return cut_at_stop(rows, sampling.stop_ids)
+        sampling = sampling or SamplingConfig(temperature=0.0)
+        if not sampling.stop_ids:
+            sampling = replace(sampling, stop_ids=tuple(self.tokenizer.stop_ids))
+        rows = self.speech_prompt_rows(features, frame_lengths, before_ids, after_ids)
+        # One engine per SpeechLM keeps its cache and packed decode weights between calls.
+        if self._engine is None or sampling.max_new_tokens > self._engine.max_new_tokens:
+            self._engine = RolloutEngine(self.llm, max_prompt_len=1 << 16,
+                                         max_new_tokens=max(sampling.max_new_tokens, 256))
+        return generate(self.llm, rows, sampling, seed=seed, engine=self._engine,
+                        tokenizer=self.tokenizer)
 
     def answer(self, waves: Sequence[np.ndarray | torch.Tensor],
-               prompts: Sequence[Messages] | None = None, **sampling: Any) -> list[str]:
+               prompts: Sequence[Messages] | None = None,
+               sampling: "SamplingConfig | None" = None, *, seed: int = 0) -> list[str]:
         """Decoded answers to spoken instructions (16 kHz waves); ``prompts`` defaults to the
         plain spoken-instruction chat for every clip."""
         if prompts is None:
             prompts = [[{"role": "user", "content": AUDIO_PLACEHOLDER}] for _ in waves]
         features, lengths = self.features(waves)
-        ids = self.generate(features, lengths, prompts, **sampling)
+        ids = self.generate(features, lengths, prompts, sampling, seed=seed)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 

@@ -9,12 +9,15 @@
     train = shared_prefix_logprobs(policy, speech_prompts, batch.tokens, batch.lengths)
 
 Prompts are token ids ``[P]`` or input embeddings ``[P, hidden]``; it knows nothing of RL.
+``generate(model, prompts, sampling)`` is the one-continuation-per-prompt call (group size 1)
+that chat, ``rba generate``, synthesis and evaluation use: rba has one decode path.
 """
 from rba_core.rollout.cache import SharedPrefixKVCache, unshared_kv_bytes
 from rba_core.rollout.engine import (
     RolloutBatch,
     RolloutEngine,
     ScoreBatch,
+    generate,
     shared_prefix_hidden,
     shared_prefix_logprobs,
 )
@@ -27,6 +30,7 @@ __all__ = [
     "ScoreBatch",
     "SharedPrefixKVCache",
     "filter_logits",
+    "generate",
     "sample_tokens",
     "shared_prefix_hidden",
     "shared_prefix_logprobs",

@@ -1,9 +1,19 @@
-"""The shared-prefix KV cache: a prompt's keys/values stored once, each sample's suffix apart."""
+"""Shared-prefix attention as cache types of the model's one layer loop.
+
+``SharedPrefixKVCache`` stores a prompt's keys/values once and each sample's suffix apart.
+``PrefixAttention`` and ``CascadeAttention`` are what ``LlamaForCausalLM.forward`` takes as
+its ``kv_cache`` to run a batch of prompts, then their G continuations attending to them (the
+model's ``LayerAttention`` protocol): the prompt runs once per group, with or without storage.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from rba_core.kernels.cascade_attention import cascade_attention
+from rba_core.models.llama import attention
 
 
 @dataclass
@@ -85,3 +95,62 @@ def unshared_kv_bytes(*, num_layers: int, num_kv_heads: int, head_dim: int,
     """Bytes of K/V when every sample stores its own copy of the prompt (G * (P + T) per prompt)."""
     per_token = 2 * num_layers * num_kv_heads * head_dim * element_size
     return per_token * sum(group_size * (p + new_tokens) for p in prompt_lens)
+
+
+class PrefixAttention:
+    """Causal attention over right-padded prompts ``[B, P]`` (padding only ever follows the
+    real tokens, so plain causal attention is exact for them). Records every layer's keys and
+    values, keeping their autograd graph, and writes them into ``cache`` when given."""
+
+    def __init__(self, cache: SharedPrefixKVCache | None = None) -> None:
+        self.cache = cache
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        if self.cache is not None:
+            self.cache.write_prefix(layer, k, v)
+        self.keys.append(k)
+        self.values.append(v)
+        return attention(q, k, v, mask=None, causal=True)
+
+
+class CascadeAttention:
+    """Continuations ``[S, T]`` attending to their prompt's prefix keys/values (one copy per
+    group of ``max_group`` samples, ``sample_prompt[s]`` naming the prompt) and causally to
+    themselves, through ``cascade_attention``.
+
+    Without ``cache`` the suffix keys/values are the ones of this forward (scoring, training).
+    With ``cache`` (decode, T == 1) they are written at ``cache_position`` of storage ``rows``
+    and the attention reads the cache's suffix up to ``suffix_lens``; ``cache_position`` may be
+    a device tensor of shape [1] (nothing the CUDA graph reads from the host changes).
+    """
+
+    def __init__(self, prefix_keys: Sequence[torch.Tensor], prefix_values: Sequence[torch.Tensor],
+                 prefix_lens: torch.Tensor, sample_prompt: torch.Tensor, max_group: int, *,
+                 suffix_lens: torch.Tensor, cache: SharedPrefixKVCache | None = None,
+                 rows: torch.Tensor | None = None, cache_position: int | torch.Tensor = 0,
+                 group_starts: torch.Tensor | None = None, backend: str = "auto") -> None:
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+        self.prefix_lens, self.sample_prompt, self.max_group = prefix_lens, sample_prompt, max_group
+        self.suffix_lens, self.cache, self.rows = suffix_lens, cache, rows
+        self.cache_position, self.group_starts, self.backend = cache_position, group_starts, backend
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        suffix_k, suffix_v, suffix_rows = k, v, None
+        if self.cache is not None:
+            self.cache.write_suffix(layer, self.rows, self.cache_position, k, v)
+            suffix_k, suffix_v = self.cache.suffix_k[layer], self.cache.suffix_v[layer]
+            suffix_rows = self.rows
+            if isinstance(self.cache_position, int):
+                # Views up to the current step, so the PyTorch path skips the unused tail.
+                suffix_k = suffix_k[:, :, : self.cache_position + 1]
+                suffix_v = suffix_v[:, :, : self.cache_position + 1]
+        out = cascade_attention(
+            q.transpose(1, 2), self.prefix_keys[layer], self.prefix_values[layer],
+            self.prefix_lens, suffix_k, suffix_v, self.suffix_lens, self.sample_prompt,
+            suffix_rows, max_group=self.max_group, group_starts=self.group_starts,
+            backend=self.backend)
+        return out.transpose(1, 2)

@@ -18,14 +18,8 @@ import torch
 
 from rba_core.errors import ConfigError
 from rba_core.models.packed import PackedProjections
-from rba_core.rollout.cache import SharedPrefixKVCache, unshared_kv_bytes
-from rba_core.rollout.forward import (
-    Prompts,
-    check_model,
-    embed_prompts,
-    prefix_forward,
-    suffix_forward,
-)
+from rba_core.rollout.cache import CascadeAttention, SharedPrefixKVCache, unshared_kv_bytes
+from rba_core.rollout.prompts import Prompts, check_model, embed_prompts, prefill
 from rba_core.rollout.sampling import SamplingConfig, sample_tokens
 
 FINISH_STOP = "stop"
@@ -61,6 +55,12 @@ class RolloutBatch:
         T = self.tokens.shape[-1]
         return torch.arange(T, device=self.lengths.device) < self.lengths[..., None]
 
+    def sequences(self) -> list[list[list[int]]]:
+        """Each sample's token ids up to its length, ``[b][g] -> list``."""
+        tokens, lengths = self.tokens.tolist(), self.lengths.tolist()
+        return [[row[:n] for row, n in zip(group, group_lengths)]
+                for group, group_lengths in zip(tokens, lengths)]
+
 
 @dataclass
 class ScoreBatch:
@@ -73,7 +73,7 @@ class ScoreBatch:
 
 def _check_group_size(group_size: object) -> int:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ConfigError(f"rollout: group_size must be an integer >= 1, got {group_size!r}")
+        raise ValueError(f"rollout: group_size must be an integer >= 1, got {group_size!r}")
     return group_size
 
 
@@ -84,28 +84,28 @@ def continuations_tensor(continuations: torch.Tensor | Sequence[Sequence[torch.T
     (with lengths, e.g. a RolloutBatch's) or lists of G id tensors per prompt."""
     if isinstance(continuations, torch.Tensor):
         if continuations.dim() != 3 or continuations.is_floating_point():
-            raise ConfigError(f"rollout: continuations must be token ids [B, G, T], got "
-                              f"{continuations.dtype} of shape {tuple(continuations.shape)}")
+            raise ValueError(f"rollout: continuations must be token ids [B, G, T], got "
+                             f"{continuations.dtype} of shape {tuple(continuations.shape)}")
         ids = continuations.to(device)
         if lengths is None:
             lengths = torch.full(ids.shape[:2], ids.shape[2], dtype=torch.long)
         lengths = lengths.to(device=device, dtype=torch.long)
         if tuple(lengths.shape) != tuple(ids.shape[:2]):
-            raise ConfigError(f"rollout: lengths must be [B, G] = {list(ids.shape[:2])}, got "
-                              f"{tuple(lengths.shape)}")
+            raise ValueError(f"rollout: lengths must be [B, G] = {list(ids.shape[:2])}, got "
+                             f"{tuple(lengths.shape)}")
     else:
         if lengths is not None:
-            raise ConfigError("rollout: lengths goes with a padded [B, G, T] tensor; lists of "
-                              "continuations carry their own lengths")
+            raise ValueError("rollout: lengths goes with a padded [B, G, T] tensor; lists of "
+                             "continuations carry their own lengths")
         groups = [list(g) for g in continuations]
         if not groups or any(len(g) != len(groups[0]) for g in groups) or not groups[0]:
-            raise ConfigError("rollout: continuations must list the same number (>= 1) of id "
-                              "tensors for every prompt")
+            raise ValueError("rollout: continuations must list the same number (>= 1) of id "
+                             "tensors for every prompt")
         for b, group in enumerate(groups):
             for g, c in enumerate(group):
                 if not isinstance(c, torch.Tensor) or c.dim() != 1 or c.is_floating_point():
-                    raise ConfigError(f"rollout: continuation [{b}][{g}] must be a 1-D tensor "
-                                      "of token ids")
+                    raise ValueError(f"rollout: continuation [{b}][{g}] must be a 1-D tensor "
+                                     "of token ids")
         T = max(c.numel() for group in groups for c in group)
         ids = torch.zeros(len(groups), len(groups[0]), max(T, 1), dtype=torch.long, device=device)
         lengths = torch.zeros(len(groups), len(groups[0]), dtype=torch.long, device=device)
@@ -114,18 +114,18 @@ def continuations_tensor(continuations: torch.Tensor | Sequence[Sequence[torch.T
                 ids[b, g, : c.numel()] = c.to(device)
                 lengths[b, g] = c.numel()
     if ids.shape[0] != num_prompts:
-        raise ConfigError(f"rollout: {ids.shape[0]} groups of continuations for {num_prompts} "
-                          "prompts; pass one group per prompt")
+        raise ValueError(f"rollout: {ids.shape[0]} groups of continuations for {num_prompts} "
+                         "prompts; pass one group per prompt")
     if ids.shape[1] < 1:
-        raise ConfigError("rollout: each prompt needs at least one continuation (G >= 1)")
+        raise ValueError("rollout: each prompt needs at least one continuation (G >= 1)")
     if ids.shape[2] < 1:
-        raise ConfigError("rollout: continuations [B, G, T] have T = 0; there is nothing to "
-                          "score")
+        raise ValueError("rollout: continuations [B, G, T] have T = 0; there is nothing to "
+                         "score")
     if int(lengths.min()) < 0 or int(lengths.max()) > ids.shape[2]:
-        raise ConfigError(f"rollout: continuation lengths must lie in [0, {ids.shape[2]}]")
+        raise ValueError(f"rollout: continuation lengths must lie in [0, {ids.shape[2]}]")
     valid = torch.arange(ids.shape[2], device=device) < lengths[..., None]
     if valid.any() and (int(ids[valid].min()) < 0 or int(ids[valid].max()) >= vocab):
-        raise ConfigError(f"rollout: continuations hold token ids outside [0, {vocab})")
+        raise ValueError(f"rollout: continuations hold token ids outside [0, {vocab})")
     return ids.masked_fill(~valid, 0), lengths
 
 
@@ -176,11 +176,14 @@ def shared_prefix_hidden(model: torch.nn.Module, prompts: Sequence[torch.Tensor]
     ids, lengths = continuations_tensor(continuations, lengths, len(p.lens_list),
                                         model.model.embed_tokens.weight.shape[0], p.embeds.device)
     B, G, T = ids.shape
-    prompt_hidden, keys, values = prefix_forward(model, p)
+    prompt_hidden, prefix = prefill(model, p)
     sample_prompt = torch.arange(B, device=ids.device).repeat_interleave(G)
     positions = p.lens[sample_prompt][:, None] + torch.arange(T, device=ids.device)
-    cont_hidden = suffix_forward(model, model.embed(ids.reshape(B * G, T)), positions, keys,
-                                 values, p.lens, sample_prompt, G, backend="torch")
+    attention = CascadeAttention(
+        prefix.keys, prefix.values, p.lens, sample_prompt, G, backend="torch",
+        suffix_lens=torch.full((B * G,), T, dtype=torch.long, device=ids.device))
+    cont_hidden = model(inputs_embeds=model.embed(ids.reshape(B * G, T)), position_ids=positions,
+                        kv_cache=attention, return_hidden=True)
     return _score_hidden(prompt_hidden, p, cont_hidden, B, G)
 
 
@@ -234,11 +237,11 @@ class RolloutEngine:
         for name, value in (("max_prompt_len", max_prompt_len),
                             ("max_new_tokens", max_new_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"RolloutEngine: {name} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"RolloutEngine: {name} must be an integer >= 1, got {value!r}")
         weight = model.model.embed_tokens.weight
         if cuda_graph and weight.device.type != "cuda":
-            raise ConfigError("RolloutEngine: cuda_graph=True needs the model on a CUDA device; "
-                              f"it is on {weight.device}")
+            raise ValueError("RolloutEngine: cuda_graph=True needs the model on a CUDA device; "
+                             f"it is on {weight.device}")
         self.model = model
         self.max_prompt_len = max_prompt_len
         self.max_new_tokens = max_new_tokens
@@ -308,12 +311,12 @@ class RolloutEngine:
         sampling.validate()
         G = _check_group_size(group_size)
         if sampling.max_new_tokens > self.max_new_tokens:
-            raise ConfigError(f"rollout: sampling.max_new_tokens={sampling.max_new_tokens} "
-                              f"exceeds the engine's max_new_tokens={self.max_new_tokens}; "
-                              "raise it when building the RolloutEngine")
+            raise ValueError(f"rollout: sampling.max_new_tokens={sampling.max_new_tokens} "
+                             f"exceeds the engine's max_new_tokens={self.max_new_tokens}; "
+                             "raise it when building the RolloutEngine")
         if sampling.stop_strings and tokenizer is None:
-            raise ConfigError("rollout: sampling.stop_strings need a tokenizer to decode the "
-                              "samples; pass tokenizer=")
+            raise ValueError("rollout: sampling.stop_strings need a tokenizer to decode the "
+                             "samples; pass tokenizer=")
         vocab = self.model.model.embed_tokens.weight.shape[0]
         if any(t >= vocab for t in sampling.stop_ids):
             raise ConfigError(f"rollout: sampling.stop_ids must be < the vocabulary size {vocab}")
@@ -322,8 +325,8 @@ class RolloutEngine:
         if seeds is None:
             seeds = torch.randint(0, 2**62, (B,)).tolist()
         if len(seeds) != B or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-            raise ConfigError(f"rollout: seeds must be {B} integers (one per prompt), got "
-                              f"{seeds!r}")
+            raise ValueError(f"rollout: seeds must be {B} integers (one per prompt), got "
+                             f"{seeds!r}")
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         return self._generate(p, G, sampling, generators, tokenizer, pad_id)
 
@@ -337,7 +340,7 @@ class RolloutEngine:
         cache.reset(p.lens)
         # The prompt runs through the modules: at hundreds of rows MKL's GEMM is as fast as
         # oneDNN's, and the packed copies only pay off on the few rows of a decode step.
-        prompt_hidden, _, _ = prefix_forward(model, p, cache=cache)
+        prompt_hidden, _ = prefill(model, p, cache)
         packed = self._packed_projections()
         last = prompt_hidden[torch.arange(B, device=dev), p.lens - 1]
         weight = model.lm_head_weight
@@ -383,14 +386,14 @@ class RolloutEngine:
                 logits = graphed.step(tokens[:, t].to(dev), prompt_lens_of + t, t)
                 continue
             active_dev = active.to(dev)
-            hidden = suffix_forward(
-                model, model.embed(new.to(dev))[:, None],
-                (prompt_lens_of[active_dev] + t)[:, None], prefix_keys, prefix_values,
-                cache.prefix_lens[:B], sample_prompt_all[active_dev], G, cache=cache,
-                rows=active_dev, cache_position=t,
+            attention = CascadeAttention(
+                prefix_keys, prefix_values, cache.prefix_lens[:B], sample_prompt_all[active_dev],
+                G, cache=cache, rows=active_dev, cache_position=t,
                 suffix_lens=torch.full((active.numel(),), t + 1, dtype=torch.long, device=dev),
-                backend=self.attention_backend, packed=packed,
-            )
+                backend=self.attention_backend)
+            hidden = model(inputs_embeds=model.embed(new.to(dev))[:, None],
+                           position_ids=(prompt_lens_of[active_dev] + t)[:, None],
+                           kv_cache=attention, return_hidden=True, packed=packed)
             logits = lm_head(hidden[:, 0])
 
         T_out = int(lengths.max())
@@ -450,12 +453,15 @@ class _GraphedDecode:
         prefix_lens = cache.prefix_lens[:B]
         weight = model.lm_head_weight
 
+        attention = CascadeAttention(
+            prefix_keys, prefix_values, prefix_lens, sample_prompt, G, cache=cache, rows=rows,
+            cache_position=self.cache_position, suffix_lens=self.suffix_lens,
+            group_starts=group_starts, backend=engine.attention_backend)
+
         def step() -> torch.Tensor:
-            hidden = suffix_forward(
-                model, model.embed(self.tokens)[:, None], self.positions[:, None], prefix_keys,
-                prefix_values, prefix_lens, sample_prompt, G, cache=cache, rows=rows,
-                cache_position=self.cache_position, suffix_lens=self.suffix_lens,
-                group_starts=group_starts, backend=engine.attention_backend)
+            hidden = model(inputs_embeds=model.embed(self.tokens)[:, None],
+                           position_ids=self.positions[:, None], kv_cache=attention,
+                           return_hidden=True)
             return hidden[:, 0] @ weight.T
 
         self._step = step
@@ -481,3 +487,22 @@ class _GraphedDecode:
             return self._step()
         self.graph.replay()
         return self.logits
+
+
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int] | torch.Tensor],
+             sampling: SamplingConfig, *, seed: int = 0, tokenizer: Decoder | None = None,
+             engine: RolloutEngine | None = None) -> list[list[int]]:
+    """One continuation per prompt (token ids, or embeddings ``[P, hidden]``) through the
+    rollout engine at group size 1: what chat, generation and evaluation call. Prompt b draws
+    from seed ``seed + b``. Pass an ``engine`` to keep its cache and packed weights across
+    calls; otherwise one is built for this call."""
+    sampling.validate()
+    rows = [p if isinstance(p, torch.Tensor) else torch.as_tensor(list(p), dtype=torch.long)
+            for p in prompts]
+    if engine is None:
+        longest = max((r.shape[0] for r in rows), default=1)
+        engine = RolloutEngine(model, max_prompt_len=max(longest, 1),
+                               max_new_tokens=sampling.max_new_tokens)
+    batch = engine.generate(rows, 1, sampling, seeds=[seed + b for b in range(len(rows))],
+                            tokenizer=tokenizer)
+    return [group[0] for group in batch.sequences()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,8 @@ class SamplingConfig:
     The filters apply in the order temperature, top-k, top-p, min-p (as Hugging Face's
     ``generate`` does); ``top_k = 0``, ``top_p = 1`` and ``min_p = 0`` switch them off.
     ``stop_ids`` end a sample when drawn (the stop token is kept); ``stop_strings`` end it once
-    its decoded text contains one of them (needs a tokenizer).
+    its decoded text contains one of them (needs a tokenizer). The one sampling config of rba:
+    chat, generation, synthesis, evaluation and RL rollouts all draw through it.
     """
 
     temperature: float = 1.0
@@ -27,32 +29,35 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
 
-    def validate(self) -> None:
-        def number(name: str, value: object) -> float:
+    def validate(self, name: Callable[[str], str] = lambda field: f"sampling.{field}"
+                 ) -> None:
+        """Raise ``ConfigError`` for an out-of-range setting; ``name`` spells a field the way
+        the user wrote it (a config key by default; the CLI passes its flag names)."""
+        def number(field: str, value: object) -> float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ConfigError(f"sampling.{name} must be a number, got {value!r}")
+                raise ConfigError(f"{name(field)} must be a number, got {value!r}")
             return float(value)
 
+        def integer(field: str, value: object, low: int, meaning: str) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name(field)} must be an integer >= {low}{meaning}, got "
+                                  f"{value!r}")
+
         if not 0 <= number("temperature", self.temperature) < math.inf:
-            raise ConfigError(f"sampling.temperature must be >= 0 (0 = greedy), got "
+            raise ConfigError(f"{name('temperature')} must be >= 0 (0 = greedy), got "
                               f"{self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"sampling.top_k must be an integer >= 0 (0 = off), got "
-                              f"{self.top_k!r}")
+        integer("top_k", self.top_k, 0, " (0 = off)")
         if not 0 < number("top_p", self.top_p) <= 1:
-            raise ConfigError(f"sampling.top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+            raise ConfigError(f"{name('top_p')} must be in (0, 1] (1 = off), got {self.top_p!r}")
         if not 0 <= number("min_p", self.min_p) < 1:
-            raise ConfigError(f"sampling.min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
-        if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
-                or self.max_new_tokens < 1):
-            raise ConfigError(f"sampling.max_new_tokens must be an integer >= 1, got "
-                              f"{self.max_new_tokens!r}")
+            raise ConfigError(f"{name('min_p')} must be in [0, 1) (0 = off), got {self.min_p!r}")
+        integer("max_new_tokens", self.max_new_tokens, 1, "")
         for token in self.stop_ids:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-                raise ConfigError(f"sampling.stop_ids must hold token ids >= 0, got {token!r}")
+                raise ConfigError(f"{name('stop_ids')} must hold token ids >= 0, got {token!r}")
         for text in self.stop_strings:
             if not isinstance(text, str) or not text:
-                raise ConfigError(f"sampling.stop_strings must hold non-empty strings, got "
+                raise ConfigError(f"{name('stop_strings')} must hold non-empty strings, got "
                                   f"{text!r}")
 
 

@@ -60,7 +60,7 @@ def test_chat_rejects_bad_input_before_loading_models(tmp_path, capsys):
 
 
 def test_chat_answers_dataset_clips_beside_the_teacher(tmp_path, capsys):
-    from rba_core.generation import generate
+    from rba_core.rollout import SamplingConfig, generate
     from rba_core.data.prompts import teacher_messages, teacher_prompt_ids
 
     encoder, llm = write_tiny_encoder(tmp_path / "encoder"), write_tiny_llm(tmp_path / "llm")
@@ -76,8 +76,8 @@ def test_chat_answers_dataset_clips_beside_the_teacher(tmp_path, capsys):
         assert said.endswith(f"voice en] said: {row['instruction']}")
         assert speech.startswith("speechlm: ")
         reply = generate(slm.llm, [teacher_prompt_ids(slm.tokenizer, teacher_messages(row))],
-                         max_new_tokens=3, stop_ids=slm.tokenizer.stop_ids,
-                         pad_id=slm.tokenizer.pad_id)[0]
+                         SamplingConfig(temperature=0.0, max_new_tokens=3,
+                                        stop_ids=tuple(slm.tokenizer.stop_ids)))[0]
         assert teacher == "teacher:  " + slm.tokenizer.decode(reply,
                                                               skip_special_tokens=True).strip()
     with pytest.raises(ConfigError, match="no rows in split 'heldout'"):

@@ -10,6 +10,7 @@ from rba_core.data.prompts import teacher_messages, teacher_prompt_ids
 from rba_core.data.speech import SpeechDataset
 from rba_core.errors import ConfigError
 from rba_core.eval.answers import chrf, evaluate_answers, teacher_loglik
+from rba_core.rollout import SamplingConfig
 
 
 def test_teacher_loglik_matches_a_plain_forward(slm_and_batch):
@@ -52,7 +53,8 @@ def test_evaluate_answers_scores_each_row(slm_and_batch, tmp_path):
     for index, row in enumerate(report.rows):
         one = dataset.batch([index])
         ids = slm.generate_pieces(one.features, one.frame_lengths, one.prompt_before,
-                                  one.prompt_after, max_new_tokens=6)
+                                  one.prompt_after,
+                                  SamplingConfig(temperature=0.0, max_new_tokens=6))
         assert row.answer == slm.tokenizer.decode(ids[0]).strip()
         assert row.chrf == chrf(row.answer, row.reference)
         ll = teacher_loglik(slm.llm, one.teacher_prompt_ids, ids)

@@ -9,12 +9,12 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from helpers import SESSION_SEED, relative_error
+from helpers import SESSION_SEED, reference_generate, relative_error
 from rba_core.cli import main as cli_main
 from rba_core.errors import CheckpointError, ConfigError
-from rba_core.generation import generate
 from rba_core.weights.loading import load_model
 from rba_core.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from rba_core.rollout import SamplingConfig, generate
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -92,6 +92,13 @@ def test_padded_logits_match_transformers(checkpoints, case):
     assert relative_error(logits[real], reference[real]) <= 1e-5
 
 
+def greedy(model, prompts, max_new_tokens, stop_ids=()):
+    """The package's one decode path: the rollout engine at group size 1."""
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens,
+                              stop_ids=tuple(stop_ids))
+    return generate(model, prompts, sampling)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_matches_transformers(checkpoints, case):
     hf, folder = checkpoints[case]
@@ -101,11 +108,13 @@ def test_greedy_generation_matches_transformers(checkpoints, case):
         expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt),
                                max_new_tokens=14, do_sample=False, pad_token_id=0,
                                eos_token_id=2)[0, 7:].tolist()
-    cached = generate(ours, [prompt[0].tolist()], max_new_tokens=14, stop_ids=[2])
-    uncached = generate(ours, [prompt[0].tolist()], max_new_tokens=14, stop_ids=[2],
-                        use_cache=False)
+    cached = reference_generate(ours, [prompt[0].tolist()], max_new_tokens=14, stop_ids=[2])
+    uncached = reference_generate(ours, [prompt[0].tolist()], max_new_tokens=14,
+                                  stop_ids=[2], use_cache=False)
     assert cached == [expected]
     assert uncached == [expected]
+    if not any(ours.config.sliding_windows):  # the engine refuses sliding windows
+        assert greedy(ours, [prompt[0].tolist()], 14, stop_ids=[2]) == [expected]
 
 
 @pytest.mark.parametrize("case", ["llama", "mistral-sliding-window", "qwen2-biases-tied"])
@@ -113,9 +122,9 @@ def test_left_padded_batch_equals_unbatched(checkpoints, case):
     hf, folder = checkpoints[case]
     ours = LlamaForCausalLM.from_pretrained(folder)
     prompts = [random_ids(1, n)[0].tolist() for n in (3, 9, 6)]
-    batched = generate(ours, prompts, max_new_tokens=10)
-    single = [generate(ours, [prompt], max_new_tokens=10)[0] for prompt in prompts]
-    uncached = generate(ours, prompts, max_new_tokens=10, use_cache=False)
+    batched = reference_generate(ours, prompts, max_new_tokens=10)
+    single = [reference_generate(ours, [prompt], max_new_tokens=10)[0] for prompt in prompts]
+    uncached = reference_generate(ours, prompts, max_new_tokens=10, use_cache=False)
     assert batched == single
     assert uncached == single
     width = max(map(len, prompts))
@@ -128,40 +137,8 @@ def test_left_padded_batch_equals_unbatched(checkpoints, case):
         expected = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                                pad_token_id=0, eos_token_id=None)[:, width:].tolist()
     assert batched == expected
-
-
-def test_stop_id_ends_row_and_is_kept(checkpoints):
-    _, folder = checkpoints["llama"]
-    ours = LlamaForCausalLM.from_pretrained(folder)
-    prompts = [random_ids(1, 5)[0].tolist(), random_ids(1, 8)[0].tolist()]
-    free = generate(ours, prompts, max_new_tokens=10)
-    stop = free[0][3]
-    stopped = generate(ours, prompts, max_new_tokens=10, stop_ids=[stop])
-    assert stopped[0] == free[0][: free[0].index(stop) + 1]
-    other = free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1]
-    assert stopped[1] == other
-
-
-def test_sampling_controls(checkpoints):
-    _, folder = checkpoints["qwen2-biases-tied"]
-    ours = LlamaForCausalLM.from_pretrained(folder)
-    prompts = [random_ids(1, 4)[0].tolist(), random_ids(1, 6)[0].tolist()]
-    greedy = generate(ours, prompts, max_new_tokens=12)
-    hot = dict(max_new_tokens=12, temperature=5.0)
-    first = generate(ours, prompts, seed=11, **hot)
-    assert generate(ours, prompts, seed=11, **hot) == first
-    assert generate(ours, prompts, seed=12, **hot) != first
-    assert first != greedy
-    assert generate(ours, prompts, seed=3, top_k=1, **hot) == greedy
-    assert generate(ours, prompts, seed=3, top_p=1e-6, **hot) == greedy
-    top3 = generate(ours, prompts, seed=5, top_k=3, **hot)
-    with torch.no_grad():
-        for prompt, new in zip(prompts, top3):
-            logits = ours(torch.tensor([prompt + new]))[0, len(prompt) - 1:-1]
-            allowed = logits.topk(3, dim=-1).indices
-            assert all(token in allowed[i].tolist() for i, token in enumerate(new))
-    with pytest.raises(ValueError, match="top_p"):
-        generate(ours, prompts, top_p=0.0, temperature=1.0)
+    if not any(ours.config.sliding_windows):
+        assert greedy(ours, prompts, 10) == expected
 
 
 def test_kv_cache_decoding_equals_full_forward_without_reallocation(checkpoints):
@@ -317,7 +294,8 @@ def test_rba_generate_applies_chat_template(checkpoints, tmp_path, capsys):
 @pytest.mark.parametrize("flags, fragment", [
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top-p", "0"], "--top-p must be in"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+    (["--temperature", "nan"], "--temperature must be a number"),
 ])
 def test_rba_generate_rejects_bad_flags(tmp_path, capsys, flags, fragment):
     code = cli_main(["generate", "--model", str(tmp_path), "--prompt", "hi", *flags])

@@ -14,6 +14,7 @@ from rba_core.kernels.audio_adapter import AudioAdapterConfig, FusedAudioAdapter
 from rba_core.models.llama import LlamaForCausalLM
 from rba_core.models.lora import LoraConfig, apply_lora, lora_modules
 from rba_core.models.speechlm import SpeechLM
+from rba_core.rollout import SamplingConfig
 from rba_core.weights.safetensors_io import save_pretrained
 
 
@@ -68,7 +69,8 @@ def test_prompt_needs_exactly_one_placeholder(slm):
 def test_greedy_generation_equals_repeated_full_forwards(slm):
     features, lengths = speech_features(slm)
     prompts = [student_messages({"instruction": ""})] * 2
-    generated = slm.generate(features, lengths, prompts, max_new_tokens=5)
+    generated = slm.generate(features, lengths, prompts,
+                             SamplingConfig(temperature=0.0, max_new_tokens=5))
     embeds, mask = slm.embed_speech_prompts(features, lengths, prompts)
     stops = set(slm.tokenizer.stop_ids)
     for b in range(2):
@@ -176,7 +178,8 @@ def test_rollout_engine_takes_the_spliced_rows(slm):
     randomize_lora(slm)
     features, lengths = speech_features(slm)
     prompts = [student_messages({"instruction": ""})] * 2
-    expected = slm.generate(features, lengths, prompts, max_new_tokens=4)
+    expected = slm.generate(features, lengths, prompts,
+                            SamplingConfig(temperature=0.0, max_new_tokens=4))
     pieces = [slm.split_prompt(m) for m in prompts]
     with torch.no_grad():
         rows = slm.speech_prompt_rows(features, lengths, [p[0] for p in pieces],

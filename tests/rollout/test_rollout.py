@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rba_core.errors import ConfigError
+from rba_core.errors import ConfigError, RbaError
 from rba_core.models.lora import LoraConfig, apply_lora, lora_modules
 from rba_core.models.llama import LlamaConfig, LlamaForCausalLM
 from rba_core.models.packed import PackedProjections
@@ -160,7 +160,7 @@ def test_stop_strings_end_samples_at_the_completing_token():
             assert batch.finish_reasons[b][g] == ("stop_string" if hit else "length")
             if hit:
                 assert not any(s in text[:-1] for s in ("a", "bc"))
-    with pytest.raises(ConfigError, match="tokenizer"):
+    with pytest.raises(ValueError, match="tokenizer"):
         engine.generate(ragged_prompts(), 2, sampling)
 
 
@@ -361,49 +361,53 @@ def test_bad_inputs_give_clear_errors():
     model = tiny_model()
     engine = RolloutEngine(model, max_prompt_len=8, max_new_tokens=64)
     ok = [torch.tensor([1, 2, 3])]
-    with pytest.raises(ConfigError, match="prompt 1 is empty"):
-        engine.generate([torch.tensor([1]), torch.tensor([], dtype=torch.long)], 2)
+    # A user's input (a prompt longer than the cache, a tokenizer naming stop ids the model
+    # lacks) is a ConfigError the CLI prints as one line.
     with pytest.raises(ConfigError, match="prompt 0 has 9 tokens but the cache holds 8"):
         engine.generate([torch.arange(9)], 2)
-    with pytest.raises(ConfigError, match="group_size must be an integer >= 1"):
-        engine.generate(ok, 0)
-    with pytest.raises(ConfigError, match="max_new_tokens"):
-        engine.generate(ok, 2, SamplingConfig(max_new_tokens=65))
-    with pytest.raises(ConfigError, match="outside"):
-        engine.generate([torch.tensor([1, VOCAB])], 2)
-    with pytest.raises(ConfigError, match=r"\[P, 32\]"):
-        engine.generate([torch.randn(3, 31)], 2)
-    with pytest.raises(ConfigError, match="non-empty list"):
-        engine.generate(torch.tensor([1, 2]), 2)
-    with pytest.raises(ConfigError, match="seeds must be 1 integers"):
-        engine.generate(ok, 2, seeds=[1, 2])
     with pytest.raises(ConfigError, match="stop_ids must be < the vocabulary"):
         engine.generate(ok, 2, SamplingConfig(stop_ids=(VOCAB,)))
-    with pytest.raises(ConfigError, match="one group per prompt"):
-        engine.score(ok, torch.zeros(2, 2, 3, dtype=torch.long))
-    with pytest.raises(ConfigError, match="T = 0"):
-        engine.score(ok, torch.zeros(1, 2, 0, dtype=torch.long))
-    with pytest.raises(ConfigError, match="G >= 1"):
-        engine.score(ok, torch.zeros(1, 0, 3, dtype=torch.long))
-    with pytest.raises(ConfigError, match="same number"):
-        engine.score(ok + ok, [[torch.tensor([1])], [torch.tensor([1]), torch.tensor([2])]])
-    with pytest.raises(ConfigError, match="cuda_graph=True needs the model on a CUDA"):
-        RolloutEngine(model, cuda_graph=True)
-    with pytest.raises(ConfigError, match="max_prompt_len must be an integer >= 1"):
-        RolloutEngine(model, max_prompt_len=0)
+    # A programmer's wrong arguments are ValueError / TypeError, whose traceback the CLI keeps.
+    misuse = [
+        (ValueError, "prompt 1 is empty",
+         lambda: engine.generate([torch.tensor([1]), torch.tensor([], dtype=torch.long)], 2)),
+        (ValueError, "group_size must be an integer >= 1", lambda: engine.generate(ok, 0)),
+        (ValueError, "max_new_tokens",
+         lambda: engine.generate(ok, 2, SamplingConfig(max_new_tokens=65))),
+        (ValueError, "outside", lambda: engine.generate([torch.tensor([1, VOCAB])], 2)),
+        (ValueError, r"\[P, 32\]", lambda: engine.generate([torch.randn(3, 31)], 2)),
+        (TypeError, "non-empty list", lambda: engine.generate(torch.tensor([1, 2]), 2)),
+        (ValueError, "seeds must be 1 integers", lambda: engine.generate(ok, 2, seeds=[1, 2])),
+        (ValueError, "one group per prompt",
+         lambda: engine.score(ok, torch.zeros(2, 2, 3, dtype=torch.long))),
+        (ValueError, "T = 0", lambda: engine.score(ok, torch.zeros(1, 2, 0, dtype=torch.long))),
+        (ValueError, "G >= 1", lambda: engine.score(ok, torch.zeros(1, 0, 3, dtype=torch.long))),
+        (ValueError, "same number", lambda: engine.score(
+            ok + ok, [[torch.tensor([1])], [torch.tensor([1]), torch.tensor([2])]])),
+        (ValueError, "cuda_graph=True needs the model on a CUDA",
+         lambda: RolloutEngine(model, cuda_graph=True)),
+        (ValueError, "max_prompt_len must be an integer >= 1",
+         lambda: RolloutEngine(model, max_prompt_len=0)),
+    ]
+    for error, words, call in misuse:
+        with pytest.raises(error, match=words) as raised:
+            call()
+        assert not isinstance(raised.value, RbaError), words
 
 
 def test_finished_samples_leave_the_decode_batch(monkeypatch):
-    from rba_core.rollout import engine as engine_module
+    from rba_core.rollout.cache import CascadeAttention
 
     batch_sizes = []
-    real_forward = engine_module.suffix_forward
+    real_init = CascadeAttention.__init__
 
-    def recording_forward(model, embeds, *args, **kwargs):
-        batch_sizes.append(embeds.shape[0])
-        return real_forward(model, embeds, *args, **kwargs)
+    def recording_init(self, prefix_keys, prefix_values, prefix_lens, sample_prompt, *args,
+                       **kwargs):
+        if kwargs.get("cache") is not None:  # a decode step (the prefill has no suffix)
+            batch_sizes.append(sample_prompt.shape[0])
+        real_init(self, prefix_keys, prefix_values, prefix_lens, sample_prompt, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "suffix_forward", recording_forward)
+    monkeypatch.setattr(CascadeAttention, "__init__", recording_init)
     model = tiny_model()
     engine = RolloutEngine(model, max_prompt_len=16, max_new_tokens=10)
     batch = engine.generate(ragged_prompts(), 4, SamplingConfig(
