@@ -132,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rba_core.commands.chat import DEFAULT_ENCODER, DEFAULT_LLM, _model_dir
     from rba_core.data.speech import SpeechDataset
     from rba_core.eval.answers import evaluate_answers
     from rba_core.models.speechlm import SpeechLM
+    from rba_core.weights.prepare import DEFAULT_ENCODER, DEFAULT_LLM, resolve_model_dir
 
     torch.manual_seed(args.seed)
-    slm = SpeechLM.from_pretrained(_model_dir(args.encoder, DEFAULT_ENCODER, "--encoder"),
-                                   _model_dir(args.llm, DEFAULT_LLM, "--llm"), None)
+    slm = SpeechLM.from_pretrained(resolve_model_dir(args.encoder, DEFAULT_ENCODER, "--encoder"),
+                                   resolve_model_dir(args.llm, DEFAULT_LLM, "--llm"), None)
     slm.eval()
     fresh = {k: v.clone() for k, v in slm.adapter.state_dict().items()}
     teacher, _ = slm.load_teacher(None)

@@ -40,6 +40,8 @@ from typing import Callable, Optional
 
 import torch
 
+from rba_core.dtypes import parse_dtype
+
 OPS = ("logprobs", "policy_loss", "distill_forward_kl", "distill_reverse_kl", "distill_jsd")
 PEERS = ("rba", "eager", "compile", "liger")
 
@@ -95,7 +97,7 @@ def _build_step(spec: Spec) -> tuple[Callable[[], None], list]:
     """The fwd+bwd closure for one (op, peer), and the leaf tensors whose grads it produces."""
     torch.manual_seed(0)
     dev = torch.device(spec.device)
-    dtype = getattr(torch, spec.dtype)
+    dtype = parse_dtype(spec.dtype)
     n, d, vocab = spec.n, spec.d, spec.vocab
     h = (torch.randn(n, d, device=dev) * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(vocab, d, device=dev) / d**0.5).to(dtype).requires_grad_()

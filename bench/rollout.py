@@ -136,7 +136,7 @@ def training_part(args, G, P, T, prompt, model, add, ratios) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="converted model folder (default: the "
-                        "folder `rba prepare` writes for smollm2-135m-instruct)")
+                        "default LLM `rba prepare` converts)")
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -149,10 +149,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from rba_core.weights.loading import load_model
-    from rba_core.weights.prepare import default_model_dir
     from rba_core.rollout import RolloutEngine, SamplingConfig
+    from rba_core.weights.prepare import DEFAULT_LLM, resolve_model_dir
 
-    folder = args.model or default_model_dir("smollm2-135m-instruct")
+    folder = resolve_model_dir(args.model, DEFAULT_LLM, "--model")
     model = load_model(folder, dtype=torch.float32)
     P, T = args.prompt_len, args.new_tokens
     prompt = make_prompt(folder, P)

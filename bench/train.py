@@ -157,16 +157,16 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args()
 
-    from rba_core.weights.prepare import default_model_dir
     from rba_core.models.speechlm import SpeechLM
     from rba_core.train.distributed import pick_device
+    from rba_core.weights.prepare import DEFAULT_ENCODER, DEFAULT_LLM, default_model_dir
 
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        encoder_dir = Path(default_model_dir("whisper-tiny.en"))
-        llm_dir = Path(default_model_dir("smollm2-135m-instruct"))
-        models = "whisper-tiny.en + smollm2-135m-instruct"
+        encoder_dir = default_model_dir(DEFAULT_ENCODER)
+        llm_dir = default_model_dir(DEFAULT_LLM)
+        models = f"{DEFAULT_ENCODER} + {DEFAULT_LLM}"
         if args.tiny or not ((encoder_dir / "config.json").is_file()
                              and (llm_dir / "config.json").is_file()):
             encoder_dir, llm_dir = tiny_model_dirs(root / "models")

@@ -24,6 +24,7 @@ _PUBLIC = {
     "TokenScores": "rba_core.kernels.linear_logprobs",
     "cascade_attention": "rba_core.kernels.cascade_attention",
     "PolicyLossStats": "rba_core.kernels.policy_loss",
+    "BackendError": "rba_core.kernels.backends",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -6,7 +6,6 @@ mistake would otherwise surface as an opaque Triton or CUDA error (or silently w
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -175,12 +174,3 @@ def check_backend_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         raise ValueError(f"ids must be int64 [N] = ({hidden.shape[0]},), got {ids.dtype} "
                          f"{tuple(ids.shape)}")
 
-
-def check_triton_device(tensor: torch.Tensor) -> None:
-    """Triton runs CUDA tensors, or CPU tensors only through its interpreter."""
-    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, got a tensor on {tensor.device}; use "
-            "backend='auto' (or set TRITON_INTERPRET=1 before importing triton to run the "
-            "kernels through Triton's interpreter on the CPU)"
-        )

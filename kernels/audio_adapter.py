@@ -17,7 +17,6 @@ packed computation in PyTorch (CPU tensors), scattering into a zero-initialised 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rba_core.errors import ConfigError
+from rba_core.kernels.backends import resolve_backend
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
-BACKENDS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -62,24 +60,24 @@ class AudioAdapterConfig:
         for name in ("encoder_dim", "llm_dim", "stack_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(
+                raise ValueError(
                     f"AudioAdapterConfig.{name} must be an integer >= 1, got {value!r}"
                 )
         if self.hidden_dim is None:
             self.hidden_dim = self.llm_dim
         if (isinstance(self.hidden_dim, bool) or not isinstance(self.hidden_dim, int)
                 or self.hidden_dim < 1):
-            raise ConfigError(
+            raise ValueError(
                 f"AudioAdapterConfig.hidden_dim must be an integer >= 1 or None (= llm_dim), "
                 f"got {self.hidden_dim!r}"
             )
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(
+            raise ValueError(
                 f"AudioAdapterConfig.activation must be one of {', '.join(ACTIVATIONS)}, "
                 f"got {self.activation!r}"
             )
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ConfigError(f"AudioAdapterConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+            raise ValueError(f"AudioAdapterConfig.norm_eps must be > 0, got {self.norm_eps!r}")
 
     @property
     def stacked_dim(self) -> int:
@@ -405,8 +403,6 @@ def fused_audio_adapter(
     backend: "auto" (Triton on CUDA tensors, the packed PyTorch path on CPU), "triton" (on CPU
     tensors this needs TRITON_INTERPRET=1 set before Triton is imported) or "torch".
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if isinstance(stack_factor, bool) or not isinstance(stack_factor, int) or stack_factor < 1:
         raise ValueError(f"stack_factor must be an integer >= 1, got {stack_factor!r}")
     if activation not in ACTIVATIONS:
@@ -416,8 +412,8 @@ def fused_audio_adapter(
     lengths = _check_inputs(frames, lengths, encoder_dim, ln_pre_weight)
     _check_params(frames, stack_factor, activation, ln_pre_weight, linear_1_weight,
                   linear_1_bias, linear_2_weight, linear_2_bias, ln_post_weight)
-    if backend == "auto":
-        backend = "triton" if frames.is_cuda else "torch"
+    backend = resolve_backend(backend, frames.device, choices=("auto", "triton", "torch"),
+                              triton_serves=frames.dtype in _TRITON_DTYPES)
     batch, time, enc = frames.shape
     plan = pack_plan(lengths, time, stack_factor, enc, linear_2_weight.shape[0])
     params = (ln_pre_weight, linear_1_weight, linear_1_bias, linear_2_weight, linear_2_bias,
@@ -425,11 +421,6 @@ def fused_audio_adapter(
     if backend == "torch":
         out = _packed_torch(frames, plan, stack_factor, activation, eps, *params)
         return out, plan.out_lengths
-    if not frames.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend='triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before importing triton, or use backend='torch' (or 'auto') on the CPU"
-        )
     if frames.dtype not in _TRITON_DTYPES:
         raise ValueError(
             f"backend='triton' supports float32, bfloat16 and float16 frames, got "

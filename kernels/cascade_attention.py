@@ -30,9 +30,9 @@ import math
 
 import torch
 
-__all__ = ["cascade_attention", "cascade_attention_reference", "attention_reference"]
+from rba_core.kernels.backends import resolve_backend
 
-_BACKENDS = ("auto", "triton", "torch")
+__all__ = ["cascade_attention", "cascade_attention_reference", "attention_reference"]
 
 
 def _check_inputs(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
@@ -107,8 +107,6 @@ def cascade_attention(
     Every prompt needs at least one prefix key (``prefix_lens >= 1``) and every sample
     ``suffix_lens >= Tq``; these are not checked on the device to keep the decode step sync-free.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"cascade_attention: backend must be one of {_BACKENDS}, got {backend!r}")
     _check_inputs(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
                   sample_prompt, sample_rows)
     if scale is None:
@@ -118,8 +116,8 @@ def cascade_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, prefix_k, prefix_v, suffix_k, suffix_v)
     )
-    if backend == "auto":
-        backend = "triton" if (q.is_cuda and q.shape[1] == 1 and not needs_grad) else "torch"
+    backend = resolve_backend(backend, q.device, choices=("auto", "triton", "torch"),
+                              triton_serves=q.shape[1] == 1 and not needs_grad)
     if backend == "triton":
         if q.shape[1] != 1:
             raise ValueError(

@@ -17,73 +17,28 @@ recompute. The autograd backward only scales the stored gradients.
 """
 from __future__ import annotations
 
-import importlib
-import os
-from types import ModuleType
-
 import torch
 
 from rba_core.kernels import linear_distill_reference as _reference
 from rba_core.kernels._checks import (check_choice, check_float_tensor, check_mask,
                                       check_positive, check_same_device)
+from rba_core.kernels.backends import backend_module, resolve_backend
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "native", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _native() -> ModuleType | None:
-    """The C++ backend when it is importable and built, else None (the caller falls back)."""
-    try:
-        native = importlib.import_module("rba_core.kernels.native")
-    except ModuleNotFoundError as err:
-        # Only the absence of the native module itself means "not available"; a missing
-        # dependency inside it is a real fault and must surface.
-        if err.name != "rba_core.kernels.native":
-            raise
-        return None
-    return native if native.available() else None
-
-
-def _select_backend(backend: str, device: torch.device):
-    if backend == "torch":
-        return _reference
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "triton" and device.type != "cuda" and not interpreting:
-        raise RuntimeError(
-            f"backend='triton' got {device.type} tensors: Triton runs CUDA tensors, or CPU "
-            "tensors under its interpreter (set TRITON_INTERPRET=1 before importing triton); "
-            "use backend='auto' on the CPU")
-    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
-        from rba_core.kernels import linear_distill_triton
-        return linear_distill_triton
-    if backend == "native" and device.type != "cpu":
-        raise RuntimeError(f"backend='native' is the CPU op and got {device.type} tensors; "
-                           "use backend='auto' (Triton on CUDA)")
-    if device.type != "cpu":
-        return _reference
-    native = _native()
-    if backend == "native":
-        if native is None:
-            raise RuntimeError(
-                "backend='native': the C++ extension rba_core._C is not built and could not be "
-                "built just in time; reinstall with `pip install --no-build-isolation -e .` "
-                "or use backend='auto' to fall back to PyTorch")
-        return native
-    return native if native is not None else _reference
-
-
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, kind,
-                  jsd_beta, temperature, reduction, backend) -> torch.Tensor | None:
-    """Validates everything; returns the mask as bool (or None)."""
+                  jsd_beta, temperature, reduction) -> torch.Tensor | None:
+    """Validates the tensors and options (the backend is resolved apart); returns the mask as
+    bool (or None)."""
     named = {"student_hidden": student_hidden, "student_weight": student_weight,
              "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}
     for name, t in named.items():
         check_float_tensor(name, t, _FLOAT_DTYPES)
     check_choice("kind", kind, KINDS)
     check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("backend", backend, BACKENDS)
     check_positive("temperature", temperature)
     if kind == "jsd" and (isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float))
                           or not 0.0 < jsd_beta < 1.0):
@@ -217,8 +172,10 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     Gradients flow to student_hidden and student_weight only; the teacher is detached.
     """
     mask = _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
-                         kind, jsd_beta, temperature, reduction, backend)
-    impl = _select_backend(backend, student_hidden.device)
+                         kind, jsd_beta, temperature, reduction)
+    impl = backend_module(resolve_backend(backend, student_hidden.device),
+                          triton="rba_core.kernels.linear_distill_triton",
+                          torch_fallback="rba_core.kernels.linear_distill_reference")
     keep = None if mask is None else mask.reshape(-1)
     s_rows = _rows(student_hidden, keep)
     t_rows = _rows(teacher_hidden.detach(), keep)

@@ -10,18 +10,13 @@ Backends (per call, by device): CUDA -> Triton; CPU -> the native C++ op when bu
 """
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
 
-from ._checks import (
-    check_bias, check_choice, check_hidden_weight, check_ids, check_mask, check_positive,
-    check_triton_device,
-)
-
-BACKENDS = ("auto", "triton", "native", "torch")
+from ._checks import check_bias, check_hidden_weight, check_ids, check_mask, check_positive
+from .backends import backend_module, resolve_backend
 
 
 class TokenScores(NamedTuple):
@@ -31,42 +26,15 @@ class TokenScores(NamedTuple):
     lse: torch.Tensor | None
 
 
-def _native_module() -> ModuleType | None:
-    """rba_core.kernels.native when its extension works here, else None (it warns once)."""
-    try:
-        native = importlib.import_module("rba_core.kernels.native")
-    except ModuleNotFoundError as exc:
-        if exc.name != "rba_core.kernels.native":
-            raise
-        return None
-    return native if native.available() else None
+def token_scores_module(name: str) -> ModuleType:
+    """The module whose token_scores_* functions implement resolved backend ``name``."""
+    return backend_module(name, triton="rba_core.kernels.linear_logprobs_triton",
+                          torch_fallback="rba_core.kernels.linear_logprobs_reference")
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> ModuleType:
-    """The module whose token_scores_forward/backward serve this call."""
-    check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        if tensor.is_cuda and tensor.dtype != torch.float64:
-            backend = "triton"
-        elif tensor.is_cuda:
-            backend = "torch"
-        else:
-            backend = "native" if _native_module() is not None else "torch"
-    if backend == "triton":
-        check_triton_device(tensor)
-        return importlib.import_module("rba_core.kernels.linear_logprobs_triton")
-    if backend == "native":
-        if tensor.is_cuda:
-            raise ValueError("backend='native' is the CPU op; use backend='triton' for CUDA tensors")
-        native = _native_module()
-        if native is None:
-            raise RuntimeError(
-                "backend='native' was asked for but the C++ extension rba_core._C is not built "
-                "and cannot be built here; reinstall with `pip install --no-build-isolation -e .` "
-                "or use backend='torch'"
-            )
-        return native
-    return importlib.import_module("rba_core.kernels.linear_logprobs_reference")
+def triton_serves(hidden: torch.Tensor) -> bool:
+    """The Triton token-score kernels take 16- and 32-bit floats; float64 goes to PyTorch."""
+    return hidden.dtype != torch.float64
 
 
 class _TokenScoresFn(torch.autograd.Function):
@@ -145,7 +113,8 @@ def fused_linear_logprobs(
     mask = check_mask(mask, lead, hidden.device)
     ids = check_ids(ids, lead, weight.shape[0], mask, hidden.device)
     scale = check_positive("logit_scale", logit_scale) / check_positive("temperature", temperature)
-    module = resolve_backend(backend, hidden)
+    module = token_scores_module(resolve_backend(backend, hidden.device,
+                                                 triton_serves=triton_serves(hidden)))
 
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_ids = ids.reshape(-1)

@@ -28,7 +28,8 @@ from ._checks import (
     check_bias, check_choice, check_hidden_weight, check_ids, check_mask, check_non_negative,
     check_per_token, check_positive, check_tensor,
 )
-from .linear_logprobs import BACKENDS, fused_linear_logprobs, resolve_backend
+from .backends import resolve_backend
+from .linear_logprobs import fused_linear_logprobs, token_scores_module, triton_serves
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
@@ -261,7 +262,7 @@ def fused_linear_policy_loss(
     device = hidden.device
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("kl_estimator", kl_estimator, policy_loss_reference.KL_ESTIMATORS)
-    check_choice("backend", backend, BACKENDS)
+    chosen = resolve_backend(backend, device, triton_serves=triton_serves(hidden))
     beta = check_non_negative("beta", beta)
     for name, eps in (("clip_eps_low", clip_eps_low), ("clip_eps_high", clip_eps_high)):
         check_non_negative(name, eps)
@@ -298,25 +299,21 @@ def fused_linear_policy_loss(
                "clip_eps_low": float(clip_eps_low), "clip_eps_high": float(clip_eps_high)}
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if needs_grad and not hidden.is_cuda and backend in ("auto", "native"):
-        module = resolve_backend(backend, hidden)
-        if hasattr(module, "token_scores_chunk_forward"):
-            bias = check_bias(bias, weight)
-            ids = check_ids(ids, lead, weight.shape[0], valid if mask is not None else None,
-                            device)
-            scale = 1.0 / check_positive("temperature", temperature)
-            return _fused_native_policy_loss(hidden, weight, bias, ids, advantages, old_logprobs,
-                                             ref_logprobs, mask, valid, weights, scale,
-                                             return_entropy, options, module, lead)
+    if needs_grad and chosen == "native":
+        bias = check_bias(bias, weight)
+        ids = check_ids(ids, lead, weight.shape[0], valid if mask is not None else None, device)
+        scale = 1.0 / check_positive("temperature", temperature)
+        return _fused_native_policy_loss(hidden, weight, bias, ids, advantages, old_logprobs,
+                                         ref_logprobs, mask, valid, weights, scale,
+                                         return_entropy, options, token_scores_module(chosen),
+                                         lead)
 
     scores = fused_linear_logprobs(hidden, weight, ids, bias=bias, mask=mask,
                                    temperature=temperature, return_entropy=return_entropy,
-                                   backend=backend)
+                                   backend=chosen)
     logp = scores.logprobs if return_entropy else scores
 
-    use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda
-                                         and hidden.dtype != torch.float64)
-    if use_triton:
+    if chosen == "triton":
         from . import policy_loss_triton
         terms_fn = policy_loss_triton.policy_token_terms
     else:

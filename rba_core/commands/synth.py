@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from rba_core.dtypes import DTYPE_NAMES
+
 
 def _voices(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -70,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--piper-voice", action="append", default=[], metavar="FILE.onnx",
                         help="an extra piper voice file (repeatable)")
     parser.add_argument("--device", default="cpu", help="teacher device (default: cpu)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", choices=DTYPE_NAMES,
                         default="float32", help="teacher weight dtype (default: float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)

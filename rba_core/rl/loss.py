@@ -13,7 +13,7 @@ import torch
 
 from rba_core.errors import ConfigError
 from rba_core.kernels import fused_linear_policy_loss
-from rba_core.kernels.linear_logprobs import BACKENDS
+from rba_core.kernels.backends import BACKENDS
 from rba_core.kernels.policy_loss import LOSS_TYPES
 from rba_core.kernels.policy_loss_reference import KL_ESTIMATORS
 

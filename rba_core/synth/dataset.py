@@ -8,7 +8,7 @@ never listed twice: the writer refuses an id it already holds.
 """
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 from collections import Counter
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from rba_core.errors import ConfigError
+from rba_core.files import exclusive_lock, is_temp_name, sync_handle, write_json_atomic
 from rba_core.synth.tts import SAMPLE_RATE, write_flac
 
 MANIFEST = "manifest.jsonl"
@@ -30,16 +31,6 @@ REQUIRED_FIELDS = ("id", "task", "instruction", "prompt", "response", "audio", "
                    "response_truncated")
 TASKS = ("instruct", "qa", "translate", "read")
 SPLITS = ("train", "heldout")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def validate_row(row: Any, where: str) -> None:
@@ -128,29 +119,25 @@ class DatasetWriter:
         self.ids: set[str] = set()
         self.repaired: dict[str, int] = {"torn_lines": 0, "orphan_files": 0}
         self._manifest: Any = None
-        self._lock: Any = None
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> "DatasetWriter":
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"--out {self.folder}: exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.folder / LOCK, "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            self._lock.close()
-            raise ConfigError(f"--out {self.folder}: another `rba synth` is writing this "
-                              "folder; wait for it or pick another --out") from error
-        self._recover()
-        self._manifest = open(self.folder / MANIFEST, "ab")
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(exclusive_lock(self.folder / LOCK, wait=False))
+            except BlockingIOError as error:
+                raise ConfigError(f"--out {self.folder}: another `rba synth` is writing this "
+                                  "folder; wait for it or pick another --out") from error
+            self._recover()
+            self._manifest = stack.enter_context(open(self.folder / MANIFEST, "ab"))
+            self._held = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._manifest is not None:
-            self._manifest.close()
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._held.close()
 
     def _recover(self) -> None:
         path = self.folder / MANIFEST
@@ -159,8 +146,7 @@ class DatasetWriter:
             if good < path.stat().st_size:
                 with open(path, "r+b") as handle:
                     handle.truncate(good)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                    sync_handle(handle)
                 self.repaired["torn_lines"] = 1
         self.ids = {row["id"] for row in self.rows}
         listed = {row["audio"] for row in self.rows}
@@ -172,7 +158,7 @@ class DatasetWriter:
                 relative = file.relative_to(self.folder).as_posix()
                 if relative not in listed:
                     file.unlink()
-                    if not file.name.endswith(".tmp"):
+                    if not is_temp_name(file.name):
                         self.repaired["orphan_files"] += 1
 
     def audio_path(self, row_id: str) -> str:
@@ -193,8 +179,7 @@ class DatasetWriter:
         write_flac(self.folder / row["audio"], wave)
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         self._manifest.write(line)
-        self._manifest.flush()
-        os.fsync(self._manifest.fileno())
+        sync_handle(self._manifest)
         self.rows.append(row)
         self.ids.add(row["id"])
         return row

@@ -270,12 +270,11 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
             return writer.write_summary(state)
 
         if teacher is None:
-            import torch
-
+            from rba_core.dtypes import parse_dtype
             from rba_core.synth.teacher import RolloutTeacher
 
             teacher = RolloutTeacher.load(config.teacher, device=config.device,
-                                          dtype=getattr(torch, config.dtype))
+                                          dtype=parse_dtype(config.dtype, "--dtype"))
         tts_name = backend.identifier()
         index = NearDuplicateIndex(DedupeConfig(threshold=config.near_duplicate_threshold))
         for row in writer.rows:

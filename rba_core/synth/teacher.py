@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -21,7 +20,6 @@ from rba_core.rollout import RolloutEngine, SamplingConfig
 from rba_core.rollout.engine import FINISH_STOP
 from rba_core.data.tokenizer import Tokenizer
 
-DEFAULT_TEACHER = "smollm2-135m-instruct"
 _MARK = "\u0000RBA-USER-TURN\u0000"
 
 
@@ -77,19 +75,12 @@ class RolloutTeacher:
     @classmethod
     def load(cls, folder: str | os.PathLike | None = None, *, device: str = "cpu",
              dtype: torch.dtype = torch.float32) -> "RolloutTeacher":
-        """The checkpoint in ``folder`` (default: the SmolLM2-135M-Instruct `rba prepare`
-        converts)."""
-        from rba_core.weights.loading import LLM_MODEL_TYPES, load_model
+        """The checkpoint in ``folder`` (default: the prepared default LLM, ``DEFAULT_LLM``)."""
         from rba_core.models.llama import LlamaForCausalLM
+        from rba_core.weights.loading import LLM_MODEL_TYPES, load_model
+        from rba_core.weights.prepare import DEFAULT_LLM, resolve_model_dir
 
-        if folder is None:
-            from rba_core.weights.prepare import default_model_dir
-
-            folder = default_model_dir(DEFAULT_TEACHER)
-            if not (Path(folder) / "config.json").is_file():
-                raise ConfigError(f"the default teacher is not prepared at {folder}; run "
-                                  "`rba prepare` first or pass --teacher DIR")
-        path = Path(folder)
+        path = resolve_model_dir(folder, DEFAULT_LLM, "--teacher")
         if not (path / "config.json").is_file():
             raise ConfigError(f"--teacher {path}: no config.json; pass a Hugging Face-layout "
                               "LLM folder")

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rba_core.errors import ConfigError
+from rba_core.files import write_atomic
 
 SAMPLE_RATE = 16000
 TARGET_RMS_DBFS = -20.0
@@ -294,15 +295,9 @@ def postprocess(wave: np.ndarray, rate: int) -> np.ndarray:
 
 
 def write_flac(path: str | os.PathLike, wave: np.ndarray) -> None:
-    """Write 16 kHz audio atomically: a temporary file in the same folder, fsynced, then renamed,
-    so ``path`` either does not exist or holds the whole clip."""
+    """Write 16 kHz audio atomically (``rba_core.files.write_atomic``), so ``path`` either
+    does not exist or holds the whole clip."""
     import soundfile
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    with open(temporary, "wb") as handle:
-        soundfile.write(handle, wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
+    write_atomic(path, lambda temporary: soundfile.write(
+        str(temporary), wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16"))

@@ -8,8 +8,9 @@ One checkpoint is a folder ``OUTPUT/checkpoints/step_00000120/`` holding
     task.pt              the task's own ``state_dict()`` when it has one
     state.json           step, epoch, data position, scheduler and counters (written last)
 
-The folder is first written as ``.tmp-step_...`` and renamed into place, so a crash during a
-save leaves the previous checkpoints untouched and never a half-written one under a final name.
+The folder is first written under a temporary name and renamed into place
+(``rba_core.files.atomic_folder``), so a crash during a save leaves the previous checkpoints
+untouched and never a half-written one under a final name.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rba_core.errors import CheckpointError
+from rba_core.files import atomic_folder, remove_stale_temps
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "state.json"
@@ -85,21 +87,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(output_dir: str | os.PathLike, step: int, *, params: list[torch.Tensor],
                      optimizer_state: dict[str, Any], rng_states: list[dict[str, Any]],
                      task_state: dict[str, Any] | None, state: dict[str, Any],
@@ -109,13 +96,11 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, *, params: list[t
     ``params`` are whole (unsharded) tensors; the caller gathers them on the writing rank.
     """
     root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # What a save killed part-way left; the resuming run is the only writer here.
+    remove_stale_temps(root)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    # Re-saving a step (a resumed run reaching it again) replaces the old copy whole.
+    with atomic_folder(final) as tmp:
         tensors = {f"param.{i:05d}": p.detach().to("cpu").contiguous()
                    for i, p in enumerate(params)}
         save_file(tensors, str(tmp / PARAMS_NAME))
@@ -125,21 +110,6 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, *, params: list[t
             torch.save(task_state, tmp / TASK_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1, sort_keys=True),
                                       encoding="utf-8")
-        for item in tmp.iterdir():
-            _fsync_file(item)
-        _fsync_dir(tmp)
-        if final.exists():
-            # Re-saving a step (a resumed run reaching it again): swap, then drop the old copy.
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

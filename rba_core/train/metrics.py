@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rba_core.files import write_atomic, write_text_atomic
+
 logger = logging.getLogger("rba.train")
 
 METRICS_NAME = "metrics.jsonl"
@@ -57,7 +59,8 @@ class MetricsWriter:
                 continue
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        # Atomic: a kill during this rewrite must not cost the lines before the checkpoint.
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps({k: _json_value(v) for k, v in record.items()}, sort_keys=True)
@@ -122,6 +125,6 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
         axis.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     figure.tight_layout()
-    figure.savefig(png_path, dpi=100)
+    write_atomic(png_path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
     plt.close(figure)
     return True

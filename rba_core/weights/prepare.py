@@ -15,18 +15,16 @@ complete, so an interrupted run never leaves a half-written model behind.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from rba_core.errors import ConversionError
+from rba_core.files import atomic_folder, exclusive_lock, remove_stale_temps
 
 MARKER = ".rba-prepared.json"
 # Bumped when a converter's output changes, so folders from an older rba are rebuilt.
@@ -88,7 +86,10 @@ MODELS: dict[str, ModelSource] = {
     ),
 }
 
-DEFAULT_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "whisper-tiny.en")
+# The default LLM (the SpeechLM's decoder and its text teacher) and the default audio encoder.
+DEFAULT_LLM = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "whisper-tiny.en"
+DEFAULT_MODELS: tuple[str, ...] = (DEFAULT_LLM, DEFAULT_ENCODER)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -112,6 +113,22 @@ def _model(name: str) -> ModelSource:
 def default_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     """Where ``rba prepare`` puts model ``name`` (it may not be prepared yet)."""
     return cache_root(cache_dir) / _model(name).name
+
+
+def resolve_model_dir(given: str | os.PathLike | None, default: str, option: str) -> Path:
+    """The model folder a user named (``given``), else the prepared default model
+    ``default``. ``option`` names the flag or config key in the error when the default is
+    not prepared yet (e.g. ``--llm`` or ``model.llm``)."""
+    from rba_core.errors import ConfigError
+
+    if given is not None:
+        return Path(given)
+    folder = default_model_dir(default)
+    if not (folder / "config.json").is_file():
+        fix = f"pass {option} DIR" if option.startswith("-") else f"set {option}=DIR"
+        raise ConfigError(f"the default model {default} is not prepared at {folder}; run "
+                          f"`rba prepare` first or {fix}")
+    return folder
 
 
 def is_prepared(name: str, cache_dir: str | Path | None = None) -> bool:
@@ -151,22 +168,6 @@ def _fingerprint(paths: Sequence[Path]) -> list[dict[str, object]]:
     return prints
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Serialize preparation of one model across processes (parallel test runs, two shells)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; the atomic rename still protects readers
-        yield
-        return
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _convert(model: ModelSource, sources: list[Path], out_dir: Path, progress: bool) -> None:
     if model.kind == "gguf_llama":
         from rba_core.weights.convert.gguf_llama import convert_gguf_llama
@@ -196,7 +197,7 @@ def prepare_model(
     target = default_model_dir(name, cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     sources = [locate_source(source) for source in model.files]
-    with _locked(target.parent / f".{model.name}.lock"):
+    with exclusive_lock(target.parent / f".{model.name}.lock"):
         expected = {
             "name": model.name,
             "converter_version": CONVERTER_VERSION,
@@ -209,26 +210,14 @@ def prepare_model(
                     return target
             except (OSError, json.JSONDecodeError):
                 pass
-        staging = Path(tempfile.mkdtemp(prefix=f".{model.name}.tmp-", dir=target.parent))
-        # mkdtemp makes the folder private; the model folder should read like any other.
-        staging.chmod(0o755)
-        try:
+        # A conversion killed part-way left its staging folder; the lock says none is running.
+        remove_stale_temps(target.parent, model.name)
+        with atomic_folder(target) as staging:
             _convert(model, sources, staging, progress)
             for written in staging.iterdir():
                 # safetensors creates its files private (0600); a cache is shared like any file.
                 written.chmod(0o644)
             (staging / MARKER).write_text(json.dumps(expected, indent=2) + "\n")
-            if target.exists():
-                # A non-empty folder cannot be renamed over; move the stale one aside first.
-                stale = Path(tempfile.mkdtemp(prefix=f".{model.name}.old-", dir=target.parent))
-                os.replace(target, stale / "model")
-                os.replace(staging, target)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.replace(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,6 +18,7 @@ from safetensors.torch import save_file as _safetensors_save_file
 from torch import nn
 
 from rba_core.errors import CheckpointError
+from rba_core.files import write_atomic, write_text_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -186,45 +186,6 @@ def load_into_module(
         module.load_state_dict(filled, strict=True, assign=on_meta)
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; some platforms cannot open a directory, which is fine.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Have ``write`` fill a temporary file beside ``path``, flush it to disk, then rename it
-    over ``path``: after a crash ``path`` holds either its old content or all of the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(temp_name)
-        with open(temp_name, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _write_bytes(data: bytes) -> Callable[[str], None]:
-    def write(temp_name: str) -> None:
-        with open(temp_name, "wb") as handle:
-            handle.write(data)
-    return write
-
-
 def save_safetensors_atomic(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
@@ -249,9 +210,9 @@ def save_safetensors_atomic(
     for key, value in full_metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise CheckpointError(f"{path}: metadata must map str to str; got {key!r}: {value!r}")
-    _write_atomic(
-        Path(path),
-        lambda temp_name: _safetensors_save_file(prepared, temp_name, metadata=full_metadata))
+    write_atomic(
+        path,
+        lambda temporary: _safetensors_save_file(prepared, str(temporary), metadata=full_metadata))
 
 
 def save_pretrained(
@@ -274,4 +235,4 @@ def save_pretrained(
         raise CheckpointError(f"{folder / CONFIG_NAME}: config is not JSON-serialisable "
                               f"({error})") from error
     save_safetensors_atomic(folder / WEIGHT_FILES_BY_KIND[kind], tensors)
-    _write_atomic(folder / CONFIG_NAME, _write_bytes(config_text.encode("utf-8")))
+    write_text_atomic(folder / CONFIG_NAME, config_text)

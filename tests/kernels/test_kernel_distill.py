@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from rba_core.kernels import fused_linear_distill_loss
-from rba_core.kernels import linear_distill as ld
+from rba_core.kernels import backends
 from rba_core.kernels import linear_distill_reference as ref
 from rba_core.kernels import linear_distill_triton as tri
 from rba_core.kernels import native
+from rba_core.kernels.backends import BackendError
 
 N, DS, DT, V = 29, 40, 24, 157
 # Small tiles so every dimension has a ragged last block (29 rows, 157 columns, 40/24 wide).
@@ -219,28 +220,31 @@ def test_all_masked_gives_zero_loss_and_zero_grads(backend):
 
 
 def test_auto_on_cpu_without_native_uses_the_torch_fallback(monkeypatch):
-    monkeypatch.setattr(ld, "_native", lambda: None)
-    assert ld._select_backend("auto", torch.device("cpu")) is ref
-    with pytest.raises(RuntimeError, match="backend='native'"):
-        ld._select_backend("native", torch.device("cpu"))
+    monkeypatch.setattr(backends, "native_module", lambda: None)
     sh, sw, th, tw = _inputs(torch.float32, n=8)
+    with pytest.raises(BackendError, match="backend='native'"):
+        fused_linear_distill_loss(sh, sw, th, tw, backend="native")
     auto = fused_linear_distill_loss(sh, sw, th, tw, kind="jsd")
     forced = fused_linear_distill_loss(sh, sw, th, tw, kind="jsd", backend="torch")
     assert torch.equal(auto, forced)
 
 
 def test_auto_on_cpu_prefers_the_native_op_when_built(monkeypatch):
-    fake = object()
-    monkeypatch.setattr(ld, "_native", lambda: fake)
-    assert ld._select_backend("auto", torch.device("cpu")) is fake
-    assert ld._select_backend("torch", torch.device("cpu")) is ref
-    assert ld._select_backend("triton", torch.device("cpu")) is tri
-    assert ld._select_backend("auto", torch.device("meta")) is ref
-    with pytest.raises(RuntimeError, match="CPU op"):
-        ld._select_backend("native", torch.device("meta"))
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ld._select_backend("triton", torch.device("cpu"))
+    calls = []
+
+    class FakeNative:
+        @staticmethod
+        def distill_forward(*args):
+            calls.append("forward")
+            return ref.distill_forward(*args)
+
+    monkeypatch.setattr(backends, "native_module", lambda: FakeNative)
+    sh, sw, th, tw = _inputs(torch.float32, n=8)
+    with torch.no_grad():
+        auto = fused_linear_distill_loss(sh, sw, th, tw, kind="jsd")
+    assert calls == ["forward"]
+    assert torch.equal(auto, fused_linear_distill_loss(sh, sw, th, tw, kind="jsd",
+                                                       backend="torch"))
 
 
 @pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3)], ids=["rkl", "jsd"])
@@ -249,7 +253,7 @@ def test_native_backend_through_the_public_function(kind, beta):
     sh, th = sh.reshape(2, 9, DS), th.reshape(2, 9, DT)
     mask = torch.rand(2, 9) > 0.3
     if not native.available():
-        with pytest.raises(RuntimeError, match="not built"):
+        with pytest.raises(BackendError, match="not usable"):
             fused_linear_distill_loss(sh, sw, th, tw, mask, kind=kind, backend="native")
         return
     s_leaf, w_leaf = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)

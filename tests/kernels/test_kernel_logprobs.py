@@ -7,7 +7,8 @@ BLOCK_V=64, D=48 against BLOCK_D=32.
 import pytest
 import torch
 
-from rba_core.kernels import fused_linear_logprobs
+from rba_core.kernels import backends, fused_linear_logprobs
+from rba_core.kernels.backends import BackendError
 from rba_core.kernels import linear_logprobs_reference as reference
 from rba_core.kernels import linear_logprobs_triton as triton_backend
 
@@ -277,8 +278,6 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
 
 def test_auto_backend_dispatch_on_cpu(monkeypatch):
     """CPU tensors go to the native op when it is available, else to the PyTorch fallback."""
-    from rba_core.kernels import linear_logprobs
-
     hidden, weight, _, ids = make_inputs(torch.float32, with_bias=False)
     calls = []
 
@@ -288,13 +287,14 @@ def test_auto_backend_dispatch_on_cpu(monkeypatch):
             calls.append(args)
             return reference.token_scores_forward(*args)
 
-    monkeypatch.setattr(linear_logprobs, "_native_module", lambda: FakeNative)
-    assert linear_logprobs.resolve_backend("auto", hidden) is FakeNative
+    monkeypatch.setattr(backends, "native_module", lambda: FakeNative)
     with torch.no_grad():
         via_native = fused_linear_logprobs(hidden, weight, ids)
     assert len(calls) == 1 and torch.equal(via_native, fused_linear_logprobs(
         hidden, weight, ids, backend="torch"))
-    monkeypatch.setattr(linear_logprobs, "_native_module", lambda: None)
-    assert linear_logprobs.resolve_backend("auto", hidden) is reference
-    with pytest.raises(RuntimeError, match="not built"):
-        linear_logprobs.resolve_backend("native", hidden)
+    monkeypatch.setattr(backends, "native_module", lambda: None)
+    with torch.no_grad():
+        fused_linear_logprobs(hidden, weight, ids)
+    assert len(calls) == 1
+    with pytest.raises(BackendError, match="not usable"):
+        fused_linear_logprobs(hidden, weight, ids, backend="native")

@@ -14,14 +14,16 @@ import torch
 
 from helpers import relative_error
 from rba_core.weights import prepare as prep
-from rba_core.errors import ConversionError
+from rba_core.errors import ConfigError, ConversionError
 from rba_core.weights.prepare import (
+    DEFAULT_LLM,
     DEFAULT_MODELS,
     MARKER,
     ModelSource,
     SourceFile,
     default_model_dir,
     prepare_models,
+    resolve_model_dir,
 )
 from rba_core.data.tokenizer import Tokenizer
 
@@ -122,6 +124,23 @@ def test_cache_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("RBA_CACHE_DIR", str(tmp_path / "own"))
     assert default_model_dir("whisper-tiny.en") == tmp_path / "own/whisper-tiny.en"
     assert default_model_dir("whisper-tiny.en", tmp_path / "arg") == tmp_path / "arg/whisper-tiny.en"
+
+
+def test_an_unprepared_default_names_rba_prepare_and_the_option(tmp_path, monkeypatch, capsys):
+    from rba_core.cli import main
+    from rba_core.synth.teacher import RolloutTeacher
+
+    monkeypatch.setenv("RBA_CACHE_DIR", str(tmp_path))
+    given = tmp_path / "mine"
+    assert resolve_model_dir(given, DEFAULT_LLM, "--llm") == given
+    for option, fix in (("--llm", "pass --llm DIR"), ("model.llm", "set model.llm=DIR")):
+        with pytest.raises(ConfigError, match=rf"default model {DEFAULT_LLM} is not prepared "
+                                              rf"at .*; run `rba prepare` first or {fix}"):
+            resolve_model_dir(None, DEFAULT_LLM, option)
+    with pytest.raises(ConfigError, match="or pass --teacher DIR"):
+        RolloutTeacher.load(None)
+    assert main(["generate", "--prompt", "hi"]) == 2
+    assert "or pass --model DIR" in capsys.readouterr().err
 
 
 # --- SmolLM2-135M-Instruct ----------------------------------------------------------------------
