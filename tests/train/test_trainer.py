@@ -12,6 +12,7 @@ import yaml
 
 from helpers import CONFIG_DIR, Killed
 from rba_core.errors import CheckpointError, ConfigError
+from rba_core.files import is_temp_name
 from rba_core.train import (
     TrainConfig,
     Trainer,
@@ -278,7 +279,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     assert ckpt.latest_checkpoint(out) == previous
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
-    assert not list((out / ckpt.CHECKPOINTS).glob(".tmp-*"))
+    assert not [p for p in (out / ckpt.CHECKPOINTS).iterdir() if is_temp_name(p.name)]
     result = Trainer(make_config(out, "run.max_steps=6", "run.checkpoint_every=2"),
                      ToyRegressionTask(samples=16)).train()
     assert result.step == 6
