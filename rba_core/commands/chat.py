@@ -7,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from rba_core.commands.options import add_sampling_flags, sampling_from_args
-from rba_core.dtypes import DTYPE_NAMES
+from rba_core.commands.options import (
+    add_model_flags, add_sampling_flags, model_placement, sampling_from_args,
+)
 from rba_core.weights.prepare import DEFAULT_ENCODER, DEFAULT_LLM
 
 
@@ -47,9 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="another LLM with the same tokenizer as the text teacher "
                              "(default: the SpeechLM's own LLM)")
     add_sampling_flags(parser)
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
-                        help="weight dtype (default: float32)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_model_flags(parser)
     parser.set_defaults(handler=run)
 
 
@@ -57,12 +56,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rba_core.data.prompts import student_messages, teacher_messages, teacher_prompt_ids
-    from rba_core.dtypes import parse_dtype
     from rba_core.models.lora import lora_disabled
     from rba_core.models.speechlm import DEFAULT_ADAPTER_DIR, SpeechLM
     from rba_core.rollout import generate
 
-    sampling_from_args(args, ())  # bad flags fail before any model loads
+    # Bad flags fail before any model loads.
+    sampling_from_args(args, ())
+    dtype, device = model_placement(args)
     rows, waves = _requests(args)
     from rba_core.weights.prepare import resolve_model_dir
 
@@ -77,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
               "from an untrained adapter and will not follow the audio", file=sys.stderr)
     torch.manual_seed(args.seed)
     speechlm = SpeechLM.from_pretrained(encoder_dir, llm_dir, adapter,
-                                        dtype=parse_dtype(args.dtype, "--dtype"),
-                                        device=args.device)
+                                        dtype=dtype, device=device)
     speechlm.eval()
     sampling = sampling_from_args(args, speechlm.tokenizer.stop_ids)
     answers = speechlm.answer(waves, [student_messages(row) for row in rows], sampling,

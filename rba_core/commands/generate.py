@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from rba_core.commands.options import add_sampling_flags, sampling_from_args
-from rba_core.dtypes import DTYPE_NAMES
+from rba_core.commands.options import (
+    add_model_flags, add_sampling_flags, model_placement, sampling_from_args,
+)
 from rba_core.weights.prepare import DEFAULT_LLM
 
 
@@ -21,24 +22,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--system", metavar="TEXT", default=None,
                         help="a system message (default: the template's own, if any)")
     add_sampling_flags(parser)
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
-                        help="weight dtype (default: float32)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_model_flags(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rba_core.data.tokenizer import Tokenizer
-    from rba_core.dtypes import parse_dtype
     from rba_core.errors import ConfigError
     from rba_core.models.llama import LlamaForCausalLM
     from rba_core.rollout import generate
     from rba_core.weights.loading import LLM_MODEL_TYPES, load_model
     from rba_core.weights.prepare import resolve_model_dir
 
-    sampling_from_args(args, ())  # bad flags fail before any model loads
+    # Bad flags fail before any model loads.
+    sampling_from_args(args, ())
+    dtype, device = model_placement(args)
     folder = resolve_model_dir(args.model, DEFAULT_LLM, "--model")
-    model = load_model(folder, dtype=parse_dtype(args.dtype, "--dtype"), device=args.device)
+    model = load_model(folder, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise ConfigError(f"{folder}: `rba generate` needs an LLM checkpoint (model_type one of "
                           f"{', '.join(LLM_MODEL_TYPES)})")

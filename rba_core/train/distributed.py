@@ -54,19 +54,21 @@ def _env_int(name: str, default: int) -> int:
 
 
 def pick_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is this rank's GPU when CUDA is present, else the CPU."""
+    """``auto`` is this rank's GPU when CUDA is present, else the CPU; ``cuda`` is this rank's
+    GPU; anything else is checked by ``rba_core.devices.parse_device``."""
+    from rba_core.devices import parse_device
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("run.device is 'cuda' but torch sees no GPU; use run.device=cpu "
-                              "or auto")
+    chosen = parse_device(device, "run.device")
+    if chosen.type == "cuda" and chosen.index is None:
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} "
                               "visible); start at most one process per GPU")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+        chosen = torch.device("cuda", local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    return chosen
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
