@@ -39,18 +39,18 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from rba_core.tasks import build_task, build_task_config, load_task_config
     from rba_core.train import (
-        Trainer, TrainConfig, build_config, config_to_dict, init_distributed, load_config,
-        seed_everything, shutdown,
+        Trainer, config_to_dict, init_distributed, seed_everything, shutdown,
     )
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("run.resume=auto")
     if args.config is not None:
-        config = load_config(args.config, overrides)
+        config = load_task_config(args.config, overrides)
     else:
-        config = build_config(TrainConfig, {}, overrides)
+        config = build_task_config({}, overrides)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
@@ -63,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
                                   "check run.output_dir or drop --resume to start a new run")
 
     from rba_core.train.distributed import barrier, unsharded
-    from rba_core.tasks.speech import build_speech_task, describe
 
     info = init_distributed(config.run.device)
     try:
@@ -71,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         # The same seed on every rank gives every replica the same fresh adapter.
         seed_everything(config.seed)
-        task = build_speech_task(config, info.device)
+        task = build_task(config, info.device)
         if info.is_main:
-            facts = describe(task)
-            print(f"rba train: {facts['task']} on {facts['rows']} rows of {config.data.dir} "
+            facts = task.describe()
+            print(f"rba train: {facts['task']} on {facts['rows']} rows of {facts['data']} "
                   f"({facts['trainable_parameters']:,} of {facts['parameters']:,} parameters "
                   f"trainable; {info.world_size} process(es) on {info.device})",
                   file=sys.stderr)
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         sharded = task.fsdp_modules() if config.run.strategy == "fsdp" else []
         with unsharded(sharded):
             if info.is_main:
-                task.speechlm.save_trainable(adapter_dir)
+                task.export(adapter_dir)
             barrier(info)
         if info.is_main:
             loss = result.last_metrics.get("loss")

@@ -1,2 +1,22 @@
-"""Training tasks, one module each (align, sft/kd, rba), and their packaged configs under
-``configs/``. A task builds its model, data and loss from a config; the trainer runs it."""
+"""Training tasks, one module each, with their packaged configs under ``configs/``:
+
+- ``speech``: what every SpeechLM task shares (the task / model / data sections, the
+  SpeechLM and dataset builders, per-rank batching, token weighting, FSDP layers, export);
+- ``align``: CTC pre-alignment of the adapter (``task=align``);
+- ``distill``: SFT and KD (``task=sft``, ``task=kd``; the ``kd`` section);
+- ``registry``: task name -> config class and builder.
+
+A task builds its model, data and loss from its config; the trainer runs it.
+"""
+from rba_core.tasks.registry import (
+    DEFAULT_TASK,
+    TASKS,
+    TaskSpec,
+    build_task,
+    build_task_config,
+    load_task_config,
+    task_spec,
+)
+
+__all__ = ["DEFAULT_TASK", "TASKS", "TaskSpec", "build_task", "build_task_config",
+           "load_task_config", "task_spec"]

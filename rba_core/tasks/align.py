@@ -1,4 +1,5 @@
-"""CTC pre-alignment of the audio adapter to the LLM's own token embeddings.
+"""CTC pre-alignment of the audio adapter to the LLM's own token embeddings (``task=align``):
+the CTC head and loss, and :class:`SpeechAlignTask`, which runs them under the trainer.
 
 A fresh adapter emits vectors the frozen LLM has never seen, and distillation (SFT/KD) has to
 find the words in them through the whole LLM, one answer at a time: a weak, expensive signal.
@@ -22,18 +23,41 @@ embedding space, so an unseen word still lands near related tokens.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rba_core.errors import ConfigError
+from rba_core.tasks.speech import SpeechTask, SpeechTaskConfig, load_dataset, load_speechlm
+from rba_core.train.config import invalid
 
 if TYPE_CHECKING:
+    from rba_core.data.speech import SpeechBatch, SpeechDataset
     from rba_core.data.tokenizer import Tokenizer
+    from rba_core.models.speechlm import SpeechLM
 
 BLANK = 0  # class 0 is the CTC blank; class i + 1 is vocabulary token i
+
+
+@dataclass
+class AlignConfig(SpeechTaskConfig):
+    """``task=align``: the speech tasks' sections; alignment has no settings of its own."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ("align",)
+    MOVED: ClassVar[dict[str, str]] = {
+        "loss": "task=align has no loss settings (KD's are the 'kd' section now, read by "
+                "task=kd only); remove the 'loss' section"}
+
+    task: str = "align"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.model.lora_rank > 0:
+            invalid("model.lora_rank", "0 with task=align (CTC alignment trains the adapter "
+                    "only; the LLM does not run)", self.model.lora_rank)
 
 
 def spoken_text(row: Mapping[str, Any]) -> str:
@@ -74,8 +98,8 @@ class CTCAlignHead(nn.Module):
         super().__init__()
         vocabulary = list(vocabulary)
         if not vocabulary or min(vocabulary) < 0:
-            raise ConfigError("CTCAlignHead: vocabulary must be non-empty token ids >= 0 "
-                              "(alignment_vocabulary)")
+            raise ValueError("CTCAlignHead: vocabulary must be non-empty token ids >= 0 "
+                             "(alignment_vocabulary)")
         self.register_buffer("vocabulary", torch.tensor(vocabulary, dtype=torch.long,
                                                         device=device), persistent=False)
         self.class_of = {token: index + 1 for index, token in enumerate(vocabulary)}
@@ -88,17 +112,17 @@ class CTCAlignHead(nn.Module):
         try:
             return [self.class_of[int(t)] for t in ids]
         except KeyError as error:
-            raise ConfigError(f"token id {error.args[0]} is not in the alignment vocabulary; "
-                              "build it from every transcript the head will score "
-                              "(alignment_vocabulary)") from None
+            raise ValueError(f"token id {error.args[0]} is not in the alignment vocabulary; "
+                             "build it from every transcript the head will score "
+                             "(alignment_vocabulary)") from None
 
     def forward(self, audio: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """``audio [B, N, D]`` and the LLM's input embeddings ``[V, D]`` -> float32
         log-probabilities ``[B, N, 1 + K]``."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.blank.shape[0] \
                 or self.largest_token >= embeddings.shape[0]:
-            raise ConfigError(f"CTCAlignHead: embeddings must be [V, {self.blank.shape[0]}] with "
-                              f"V > {self.largest_token}, got {tuple(embeddings.shape)}")
+            raise ValueError(f"CTCAlignHead: embeddings must be [V, {self.blank.shape[0]}] with "
+                             f"V > {self.largest_token}, got {tuple(embeddings.shape)}")
         table = torch.cat([self.blank[None], embeddings.detach()[self.vocabulary].float()])
         logits = audio.float() @ table.T
         return (logits * self.log_scale.exp()).log_softmax(-1)
@@ -113,8 +137,8 @@ def ctc_align_loss(head: CTCAlignHead, audio: torch.Tensor, audio_lengths: torch
     weighted by their token counts average exactly). A clip with more tokens than adapter
     outputs cannot be aligned: it adds nothing and is counted in ``ctc_infeasible``."""
     if len(transcripts) != audio.shape[0]:
-        raise ConfigError(f"ctc_align_loss: {len(transcripts)} transcripts for a batch of "
-                          f"{audio.shape[0]} clips")
+        raise ValueError(f"ctc_align_loss: {len(transcripts)} transcripts for a batch of "
+                         f"{audio.shape[0]} clips")
     log_probs = head(audio, embeddings)
     device = log_probs.device
     targets = [head.classes(ids) for ids in transcripts]
@@ -145,3 +169,55 @@ def greedy_decode(head: CTCAlignHead, log_probs: torch.Tensor, length: int) -> l
             tokens.append(int(head.vocabulary[cls - 1]))
         previous = cls
     return tokens
+
+
+class SpeechAlignTask(SpeechTask):
+    """``task="align"``: CTC pre-alignment of the adapter to the LLM's token embeddings. The
+    loss is a per-token mean over each clip's transcript tokens, which weight the batch; it
+    never runs the LLM, and the CTC head's blank vector and scale train beside the adapter
+    (they are checkpointed, not exported)."""
+
+    TASKS = AlignConfig.TASKS
+
+    def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *,
+                 batch_size: int) -> None:
+        super().__init__(speechlm, dataset, task="align", batch_size=batch_size)
+        # Every rank reads the same rows, so every rank builds the same vocabulary.
+        self.transcripts = {str(row["id"]): transcript_ids(speechlm.tokenizer, row)
+                            for row in dataset.rows}
+        self.head = CTCAlignHead(alignment_vocabulary(self.transcripts.values()),
+                                 dim=speechlm.llm.config.hidden_size, device=speechlm.device)
+        self.encoder_cache: dict[str, torch.Tensor] = {}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.speechlm.trainable_parameters(), *self.head.parameters()]
+
+    def loss_tokens(self, batch: "SpeechBatch") -> float:
+        return float(sum(len(self.transcripts[i]) for i in batch.ids))
+
+    def _encoder_frames(self, batch: "SpeechBatch") -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's encoder frames, from the cache when every clip has been encoded. A
+        frozen encoder gives every clip the same frames each epoch, and on the CPU it costs
+        several times the rest of an alignment step."""
+        if self.speechlm.train_encoder:
+            return self.speechlm.encode(batch.features, batch.frame_lengths)
+        if not all(i in self.encoder_cache for i in batch.ids):
+            hidden, lengths = self.speechlm.encode(batch.features, batch.frame_lengths)
+            for row, clip_id in enumerate(batch.ids):
+                self.encoder_cache[clip_id] = hidden[row, : int(lengths[row])].detach()
+        clips = [self.encoder_cache[i] for i in batch.ids]
+        lengths = torch.tensor([c.shape[0] for c in clips], device=clips[0].device)
+        return torch.nn.utils.rnn.pad_sequence(clips, batch_first=True), lengths
+
+    def batch_loss(self, batch: "SpeechBatch") -> tuple[torch.Tensor, dict[str, float]]:
+        audio, lengths = self.speechlm.adapt(*self._encoder_frames(batch))
+        return ctc_align_loss(self.head, audio, lengths, [self.transcripts[i] for i in batch.ids],
+                              self.speechlm.llm.model.embed_tokens.weight)
+
+
+def build_align_task(config: AlignConfig, device: torch.device) -> SpeechAlignTask:
+    """The SpeechLM and the dataset that ``config`` names, on ``device`` (no teacher: the
+    targets are the LLM's own token embeddings)."""
+    speechlm = load_speechlm(config.model, device)
+    return SpeechAlignTask(speechlm, load_dataset(config.data, speechlm),
+                           batch_size=config.data.batch_size)

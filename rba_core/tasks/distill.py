@@ -1,8 +1,11 @@
-"""Distillation losses of the SpeechLM (the SFT and KD baselines, and RBA's warm start).
+"""The distillation tasks of the SpeechLM (``task=sft`` and ``task=kd``: the baselines RBA must
+beat, and its warm start), their losses and their config section.
 
 - ``sft_loss``: cross-entropy of the teacher's response y* given the speech.
 - ``kd_loss``: the fused distillation loss between the teacher (the LLM given the transcript,
   no grad) and the student (the SpeechLM given the speech) on the response tokens.
+- :class:`SpeechDistillTask` runs either under the trainer; :class:`DistillConfig` adds the
+  ``kd`` section (kind, temperature, jsd_beta) to the speech tasks' sections.
 
 The losses go through ``fused_linear_logprobs`` / ``fused_linear_distill_loss`` on the final
 hidden states and the LM head, so ``[tokens, vocab]`` logits are never held; ``fused=False``
@@ -10,25 +13,60 @@ computes them explicitly (the unfused reference, for benchmarks and tests).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from rba_core.errors import ConfigError
+from rba_core.kernels.linear_distill import KINDS as KD_KINDS
 from rba_core.models.llama import LlamaForCausalLM
+from rba_core.tasks.speech import SpeechTask, SpeechTaskConfig, load_dataset, load_speechlm
+from rba_core.train.config import check_choice, check_finite
 
 if TYPE_CHECKING:
     from rba_core.data.speech import SpeechBatch, SpeechDataset
     from rba_core.models.speechlm import SpeechLM
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class KDConfig:
+    """The divergence ``task=kd`` minimises (``task=sft`` is plain cross-entropy and ignores it)."""
+
+    kind: str = "forward_kl"
+    temperature: float = 2.0
+    jsd_beta: float = 0.5
+
+    def validate(self, prefix: str = "kd") -> None:
+        check_choice(f"{prefix}.kind", self.kind, KD_KINDS)
+        check_finite(f"{prefix}.temperature", self.temperature, 0.0, low_open=True,
+                     allowed="a finite number > 0")
+        check_finite(f"{prefix}.jsd_beta", self.jsd_beta, 0.0, 1.0, low_open=True,
+                     high_open=True, allowed="a number in (0, 1)")
+
+
+@dataclass
+class DistillConfig(SpeechTaskConfig):
+    """``task=sft`` or ``task=kd``: the speech tasks' sections plus ``kd``."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ("sft", "kd")
+    MOVED: ClassVar[dict[str, str]] = {
+        "loss": "KD's settings are the 'kd' section now (kd.kind, kd.temperature, "
+                "kd.jsd_beta); rename 'loss:' to 'kd:' in the file, or loss.X=... to kd.X=..."}
+
+    task: str = "kd"
+    kd: KDConfig = field(default_factory=KDConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        self.kd.validate()
 
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ConfigError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
 
 
 def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -107,16 +145,16 @@ def kd_loss(speechlm: "SpeechLM | torch.nn.Module", teacher_llm: LlamaForCausalL
 
     _check_reduction(reduction)
     if kind not in KD_KINDS:
-        raise ConfigError(f"kd_loss: kind must be one of {', '.join(KD_KINDS)}, got {kind!r}")
+        raise ValueError(f"kd_loss: kind must be one of {', '.join(KD_KINDS)}, got {kind!r}")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ConfigError(f"kd_loss: temperature must be a number > 0, got {temperature!r}")
+        raise ValueError(f"kd_loss: temperature must be a number > 0, got {temperature!r}")
     core = _unwrap(speechlm)
     student_weight = core.llm.lm_head_weight
     if teacher_llm.lm_head_weight.shape[0] != student_weight.shape[0]:
         rows = teacher_llm.lm_head_weight.shape[0]
-        raise ConfigError(f"kd_loss: the teacher's LM head has {rows} rows, the student's "
-                          f"{student_weight.shape[0]}; load the teacher with "
-                          "SpeechLM.load_teacher, which checks the vocabulary")
+        raise ValueError(f"kd_loss: the teacher's LM head has {rows} rows, the student's "
+                         f"{student_weight.shape[0]}; load the teacher with "
+                         "SpeechLM.load_teacher, which checks the vocabulary")
     mask = batch.response_mask.to(core.device).bool()
     teacher_hidden = core.teacher_hidden(teacher_llm, batch.teacher_prompt_ids,
                                              batch.response_ids, batch.response_mask)
@@ -137,3 +175,43 @@ def kd_loss(speechlm: "SpeechLM | torch.nn.Module", teacher_llm: LlamaForCausalL
     loss = _reduce(per_token, mask, reduction)
     return loss, {"loss": float(loss.detach()), "tokens": float(mask.sum()),
                   "samples": float(mask.shape[0])}
+
+
+class SpeechDistillTask(SpeechTask):
+    """``task="sft"``: cross-entropy of the teacher's responses given the speech;
+    ``task="kd"``: the fused distillation loss against ``teacher`` reading the transcript.
+    Both are per-token means over the response tokens, which weight each batch.
+    ``fused=False`` uses the eager reference loss over materialised logits (benchmarks)."""
+
+    TASKS = DistillConfig.TASKS
+
+    def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *, task: str,
+                 batch_size: int, kd: KDConfig | None = None,
+                 teacher: LlamaForCausalLM | None = None, fused: bool = True) -> None:
+        if task == "kd" and teacher is None:
+            raise ValueError("task 'kd' needs a teacher LLM (SpeechLM.load_teacher())")
+        super().__init__(speechlm, dataset, task=task, batch_size=batch_size)
+        self.kd = kd or KDConfig()
+        self.teacher = teacher
+        self.fused = fused
+
+    def loss_tokens(self, batch: "SpeechBatch") -> float:
+        return float(batch.num_tokens)
+
+    def batch_loss(self, batch: "SpeechBatch") -> tuple[torch.Tensor, dict[str, float]]:
+        if self.task == "sft":
+            return sft_loss(self.speechlm, batch, fused=self.fused)
+        return kd_loss(self.speechlm, self.teacher, batch, kind=self.kd.kind,
+                       temperature=self.kd.temperature, jsd_beta=self.kd.jsd_beta,
+                       fused=self.fused)
+
+
+def build_distill_task(config: DistillConfig, device: torch.device) -> SpeechDistillTask:
+    """The SpeechLM, its teacher (kd) and the dataset that ``config`` names, on ``device``."""
+    speechlm = load_speechlm(config.model, device)
+    teacher = teacher_tokenizer = None
+    if config.task == "kd":
+        teacher, teacher_tokenizer = speechlm.load_teacher(config.model.teacher)
+    dataset = load_dataset(config.data, speechlm, teacher_tokenizer=teacher_tokenizer)
+    return SpeechDistillTask(speechlm, dataset, task=config.task,
+                             batch_size=config.data.batch_size, kd=config.kd, teacher=teacher)

@@ -1,27 +1,98 @@
-"""CTC alignment, SFT and KD of the SpeechLM as :class:`rba_core.train.TrainTask` objects.
+"""What every SpeechLM training task shares: the ``task`` / ``model`` / ``data`` config sections,
+the SpeechLM and dataset builders, and :class:`SpeechTask`, the base of the align, sft/kd (and
+rba) tasks.
 
-This module is the bridge between the audio-free trainer and the SpeechLM: it builds the model,
-the teacher and the dataset from a :class:`TrainConfig`, hands out length-bucketed batches per
-rank and computes ``ctc_align_loss`` / ``sft_loss`` / ``kd_loss``.
+A :class:`SpeechTask` hands each rank its share of length-bucketed batches (:class:`EpochBatches`),
+weights each batch by the tokens its loss is a per-token mean over, returns a zero loss for a
+batch none of whose rows loaded, names the layers FSDP shards, and exports the trained adapter
+(and LoRA). A subclass supplies the loss and the token count.
 """
 from __future__ import annotations
 
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import torch
 from torch import nn
 
 from rba_core.errors import ConfigError
-from rba_core.train.config import LossConfig, TrainConfig
+from rba_core.train.config import (
+    TrainerConfig, check_at_least, check_choice, check_finite, invalid,
+)
 
 if TYPE_CHECKING:
     from rba_core.data.speech import SpeechBatch, SpeechDataset
-    from rba_core.models.llama import LlamaForCausalLM
+    from rba_core.data.tokenizer import Tokenizer
     from rba_core.models.speechlm import SpeechLM
 
-DEFAULT_ENCODER = "whisper-tiny.en"
-DEFAULT_LLM = "smollm2-135m-instruct"
+
+@dataclass
+class ModelConfig:
+    """The SpeechLM's parts. ``None`` paths mean the models that ``rba prepare`` converts, the
+    student's own LLM as teacher, and a fresh adapter. ``lora_rank`` 0 leaves the LLM frozen."""
+
+    encoder: str | None = None
+    llm: str | None = None
+    teacher: str | None = None
+    adapter: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("encoder", "llm", "teacher", "adapter"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                invalid(f"{prefix}.{name}", "an existing path or null (the default model)", value)
+        check_at_least(f"{prefix}.lora_rank", self.lora_rank, 0)
+        check_finite(f"{prefix}.lora_alpha", self.lora_alpha, 0.0, low_open=True,
+                     allowed="a finite number > 0")
+        if not self.lora_targets or not all(self.lora_targets):
+            invalid(f"{prefix}.lora_targets", "a non-empty list of projection names such as "
+                    "[q_proj, v_proj]", list(self.lora_targets))
+
+
+@dataclass
+class DataConfig:
+    """The dataset folder written by ``rba synth`` (manifest.jsonl + audio/)."""
+
+    dir: str = "data/speech"
+    split: str = "train"
+    batch_size: int = 8
+    max_duration: float = 30.0
+    max_response_tokens: int | None = None
+
+    def validate(self, prefix: str = "data") -> None:
+        if not self.dir:
+            invalid(f"{prefix}.dir", "a dataset folder holding manifest.jsonl", self.dir)
+        check_choice(f"{prefix}.split", self.split, ("train", "heldout"))
+        check_at_least(f"{prefix}.batch_size", self.batch_size, 1)
+        check_finite(f"{prefix}.max_duration", self.max_duration, 0.0, 30.0, low_open=True,
+                     allowed="a number of seconds in (0, 30] (Whisper's window)")
+        if self.max_response_tokens is not None:
+            check_at_least(f"{prefix}.max_response_tokens", self.max_response_tokens, 1)
+
+
+@dataclass
+class SpeechTaskConfig(TrainerConfig):
+    """The trainer's sections plus what every SpeechLM task reads. A task's config subclasses
+    this, lists the task names it serves in ``TASKS`` and sets ``task``'s default to one."""
+
+    TASKS: ClassVar[tuple[str, ...]] = ()
+
+    task: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        # Through the registry the name picked this class; built directly, it may not match.
+        check_choice("task", self.task, self.TASKS)
+        super().validate()
+        self.model.validate()
+        self.data.validate()
 
 
 class EpochBatches:
@@ -50,21 +121,20 @@ class EpochBatches:
             yield self.dataset.batch(shard_batch(indices, self.rank, self.world_size))
 
 
-class SpeechDistillTask:
-    """``task="sft"``: cross-entropy of the teacher's responses given the speech;
-    ``task="kd"``: the fused distillation loss against ``teacher`` reading the transcript.
-    ``fused=False`` uses the eager reference loss over materialised logits (benchmarks)."""
+class SpeechTask(ABC):
+    """A :class:`rba_core.train.TrainTask` over a SpeechLM and a speech dataset.
 
-    TASKS: tuple[str, ...] = ("sft", "kd")
+    Subclasses list their task names in ``TASKS`` and implement :meth:`loss_tokens` (what the
+    loss averages over, which weights the batch) and :meth:`batch_loss` (on a loaded batch).
+    """
+
+    TASKS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *, task: str,
-                 batch_size: int, loss: LossConfig | None = None,
-                 teacher: "LlamaForCausalLM | None" = None, fused: bool = True) -> None:
+                 batch_size: int) -> None:
         if task not in self.TASKS:
-            raise ConfigError(f"{type(self).__name__}: task must be one of "
-                              f"{', '.join(self.TASKS)}, got {task!r}")
-        if task == "kd" and teacher is None:
-            raise ConfigError("task 'kd' needs a teacher LLM (SpeechLM.load_teacher())")
+            raise ValueError(f"{type(self).__name__}: task must be one of "
+                             f"{', '.join(self.TASKS)}, got {task!r}")
         if len(dataset) == 0:
             raise ConfigError(f"{dataset.root}: no usable rows in split {dataset.split!r} "
                               f"(skipped: {dict(dataset.skipped) or 'none'})")
@@ -72,10 +142,15 @@ class SpeechDistillTask:
         self.dataset = dataset
         self.task = task
         self.batch_size = batch_size
-        self.loss_config = loss or LossConfig()
-        self.teacher = teacher
-        self.fused = fused
         speechlm.train()
+
+    @abstractmethod
+    def loss_tokens(self, batch: "SpeechBatch") -> float:
+        """The tokens of ``batch`` that :meth:`batch_loss` is a per-token mean over."""
+
+    @abstractmethod
+    def batch_loss(self, batch: "SpeechBatch") -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss and metrics of a loaded batch, already on the SpeechLM's device."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.speechlm.trainable_parameters()
@@ -91,127 +166,54 @@ class SpeechDistillTask:
                             world_size=world_size)
 
     def batch_weight(self, batch: "SpeechBatch | None") -> float:
-        """Response tokens: the losses are per-token means, so the trainer weights each
-        micro-batch (and rank) by its tokens to optimise the mean over the whole step."""
-        return 0.0 if batch is None else float(batch.num_tokens)
+        """The losses are per-token means, so the trainer weights each micro-batch (and rank)
+        by its tokens to optimise the mean over the whole step."""
+        return 0.0 if batch is None else float(self.loss_tokens(batch))
 
     def loss(self, batch: "SpeechBatch | None") -> tuple[torch.Tensor, dict[str, float]]:
-        from rba_core.tasks.distill import kd_loss, sft_loss
-
         if batch is None:
             # No row of this rank's share loaded (the dataset counted why). A zero loss keeps
             # every rank stepping together and adds nothing to the gradient.
             zero = sum(p.sum() for p in self.trainable_parameters()) * 0.0
             return zero, {"empty_batches": 1.0}
-        batch = batch.to(self.speechlm.device)
-        if self.task == "sft":
-            return sft_loss(self.speechlm, batch, fused=self.fused)
-        return kd_loss(self.speechlm, self.teacher, batch, kind=self.loss_config.kind,
-                       temperature=self.loss_config.temperature,
-                       jsd_beta=self.loss_config.jsd_beta, fused=self.fused)
+        return self.batch_loss(batch.to(self.speechlm.device))
+
+    def describe(self) -> dict[str, Any]:
+        """Counts worth printing at the start of a run."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.speechlm.parameters())
+        return {"task": self.task, "data": str(self.dataset.root), "rows": len(self.dataset),
+                "skipped_rows": dict(self.dataset.skipped), "trainable_parameters": trainable,
+                "parameters": total}
+
+    def export(self, folder: str | os.PathLike) -> None:
+        """Write what the run trained and inference loads: the adapter and its LoRA."""
+        self.speechlm.save_trainable(folder)
 
 
-class SpeechAlignTask(SpeechDistillTask):
-    """``task="align"``: CTC pre-alignment of the adapter to the LLM's token embeddings
-    (:mod:`rba_core.tasks.align`). Batches, weighting and sharding are those of SFT/KD; the loss
-    never runs the LLM, and the CTC head's blank vector and scale train beside the adapter
-    (they are checkpointed, not exported)."""
-
-    TASKS = ("align",)
-
-    def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *,
-                 batch_size: int) -> None:
-        from rba_core.tasks.align import CTCAlignHead, alignment_vocabulary, transcript_ids
-
-        super().__init__(speechlm, dataset, task="align", batch_size=batch_size)
-        # Every rank reads the same rows, so every rank builds the same vocabulary.
-        self.transcripts = {str(row["id"]): transcript_ids(speechlm.tokenizer, row)
-                            for row in dataset.rows}
-        self.head = CTCAlignHead(alignment_vocabulary(self.transcripts.values()),
-                                 dim=speechlm.llm.config.hidden_size, device=speechlm.device)
-        self.encoder_cache: dict[str, torch.Tensor] = {}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.speechlm.trainable_parameters(), *self.head.parameters()]
-
-    def batch_weight(self, batch: "SpeechBatch | None") -> float:
-        return 0.0 if batch is None else float(sum(len(self.transcripts[i]) for i in batch.ids))
-
-    def _encoder_frames(self, batch: "SpeechBatch") -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's encoder frames, from the cache when every clip has been encoded. A
-        frozen encoder gives every clip the same frames each epoch, and on the CPU it costs
-        several times the rest of an alignment step."""
-        if self.speechlm.train_encoder:
-            return self.speechlm.encode(batch.features, batch.frame_lengths)
-        if not all(i in self.encoder_cache for i in batch.ids):
-            hidden, lengths = self.speechlm.encode(batch.features, batch.frame_lengths)
-            for row, clip_id in enumerate(batch.ids):
-                self.encoder_cache[clip_id] = hidden[row, : int(lengths[row])].detach()
-        clips = [self.encoder_cache[i] for i in batch.ids]
-        lengths = torch.tensor([c.shape[0] for c in clips], device=clips[0].device)
-        return torch.nn.utils.rnn.pad_sequence(clips, batch_first=True), lengths
-
-    def loss(self, batch: "SpeechBatch | None") -> tuple[torch.Tensor, dict[str, float]]:
-        from rba_core.tasks.align import ctc_align_loss
-
-        if batch is None:
-            return super().loss(batch)
-        batch = batch.to(self.speechlm.device)
-        audio, lengths = self.speechlm.adapt(*self._encoder_frames(batch))
-        return ctc_align_loss(self.head, audio, lengths, [self.transcripts[i] for i in batch.ids],
-                              self.speechlm.llm.model.embed_tokens.weight)
-
-
-def _model_dir(given: str | None, name: str, field: str) -> Path:
-    from rba_core.weights.prepare import default_model_dir
-
-    if given is not None:
-        return Path(given)
-    folder = Path(default_model_dir(name))
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{field} is null (the default {name}) but that model is not prepared "
-                          f"at {folder}; run `rba prepare` or set {field}=DIR")
-    return folder
-
-
-def build_speech_task(config: TrainConfig, device: torch.device) -> SpeechDistillTask:
-    """The SpeechLM, its teacher (kd) and the dataset that ``config`` names, on ``device``.
-
-    Weights load in float32; bf16 comes from the trainer's autocast on GPU.
-    """
-    from rba_core.data.speech import SpeechDataset
+def load_speechlm(model: ModelConfig, device: torch.device) -> "SpeechLM":
+    """The SpeechLM that ``model`` names, in float32 on ``device`` (bf16 comes from the
+    trainer's autocast on GPU)."""
     from rba_core.models.lora import LoraConfig
     from rba_core.models.speechlm import SpeechLM
+    from rba_core.weights.prepare import DEFAULT_ENCODER, DEFAULT_LLM, resolve_model_dir
 
-    model = config.model
     lora = None
     if model.lora_rank > 0:
         lora = LoraConfig(rank=model.lora_rank, alpha=model.lora_alpha,
                           targets=tuple(model.lora_targets))
-    speechlm = SpeechLM.from_pretrained(
-        _model_dir(model.encoder, DEFAULT_ENCODER, "model.encoder"),
-        _model_dir(model.llm, DEFAULT_LLM, "model.llm"),
+    return SpeechLM.from_pretrained(
+        resolve_model_dir(model.encoder, DEFAULT_ENCODER, "model.encoder"),
+        resolve_model_dir(model.llm, DEFAULT_LLM, "model.llm"),
         model.adapter, device=device, lora=lora)
-    teacher = None
-    teacher_tokenizer = None
-    if config.task == "kd":
-        teacher, teacher_tokenizer = speechlm.load_teacher(model.teacher)
-    dataset = SpeechDataset(config.data.dir, config.data.split, speechlm.tokenizer,
-                            teacher_tokenizer=teacher_tokenizer,
-                            max_duration=config.data.max_duration,
-                            max_response_tokens=config.data.max_response_tokens,
-                            n_mels=speechlm.n_mels)
-    if config.task == "align":
-        return SpeechAlignTask(speechlm, dataset, batch_size=config.data.batch_size)
-    return SpeechDistillTask(speechlm, dataset, task=config.task,
-                             batch_size=config.data.batch_size, loss=config.loss,
-                             teacher=teacher)
 
 
-def describe(task: SpeechDistillTask) -> dict[str, Any]:
-    """Counts worth printing at the start of a run."""
-    trainable = sum(p.numel() for p in task.trainable_parameters())
-    total = sum(p.numel() for p in task.speechlm.parameters())
-    return {"task": task.task, "rows": len(task.dataset),
-            "skipped_rows": dict(task.dataset.skipped), "trainable_parameters": trainable,
-            "parameters": total}
+def load_dataset(data: DataConfig, speechlm: "SpeechLM", *,
+                 teacher_tokenizer: "Tokenizer | None" = None) -> "SpeechDataset":
+    """The split of ``data.dir`` that ``data`` names, tokenized for ``speechlm`` (and for a
+    teacher with its own chat template, when given)."""
+    from rba_core.data.speech import SpeechDataset
+
+    return SpeechDataset(data.dir, data.split, speechlm.tokenizer,
+                         teacher_tokenizer=teacher_tokenizer, max_duration=data.max_duration,
+                         max_response_tokens=data.max_response_tokens, n_mels=speechlm.n_mels)

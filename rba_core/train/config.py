@@ -1,9 +1,10 @@
 """Training configuration: nested dataclasses, read from YAML, with ``key.sub=value`` overrides.
 
-``TrainerConfig`` holds what the generic trainer needs (seed, optimizer, schedule, run). The
-``rba train`` command uses ``TrainConfig``, which adds the SpeechLM task's own sections
-(task, model, data, loss). Every field is checked after loading and after overrides; a bad value
-raises :class:`rba_core.errors.ConfigError` naming the dotted field and its allowed range.
+``TrainerConfig`` holds what every task shares and the generic trainer reads (seed, optimizer,
+schedule, run). A task's configuration subclasses it with the task's own sections
+(:mod:`rba_core.tasks` keeps those beside each task). Every field is checked after loading and
+after overrides; a bad value raises :class:`rba_core.errors.ConfigError` naming the dotted field
+and its allowed range, and the ``check_*`` helpers here give task sections the same messages.
 """
 from __future__ import annotations
 
@@ -15,40 +16,40 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from rba_core.errors import ConfigError
 
-TASKS = ("align", "sft", "kd")
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "constant")
 
 
-def _fail(name: str, allowed: str, value: Any) -> None:
+def invalid(name: str, allowed: str, value: Any) -> NoReturn:
+    """Raise the one ConfigError shape every config field uses: ``NAME must be ALLOWED``."""
     raise ConfigError(f"{name} must be {allowed} (got {value!r})")
 
 
-def _finite(name: str, value: float, low: float | None = None, high: float | None = None, *,
-            low_open: bool = False, high_open: bool = False, allowed: str) -> None:
+def check_finite(name: str, value: float, low: float | None = None,
+                 high: float | None = None, *, low_open: bool = False, high_open: bool = False,
+                 allowed: str) -> None:
     if not math.isfinite(value):
-        _fail(name, allowed, value)
+        invalid(name, allowed, value)
     if low is not None and (value < low or (low_open and value == low)):
-        _fail(name, allowed, value)
+        invalid(name, allowed, value)
     if high is not None and (value > high or (high_open and value == high)):
-        _fail(name, allowed, value)
+        invalid(name, allowed, value)
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        _fail(name, "one of " + ", ".join(choices), value)
+        invalid(name, "one of " + ", ".join(choices), value)
 
 
-def _at_least(name: str, value: int, low: int) -> None:
+def check_at_least(name: str, value: int, low: int) -> None:
     if value < low:
-        _fail(name, f"an integer >= {low}", value)
+        invalid(name, f"an integer >= {low}", value)
 
 
 @dataclass
@@ -63,18 +64,18 @@ class OptimConfig:
     grad_accum: int = 1
 
     def validate(self, prefix: str = "optim") -> None:
-        _finite(f"{prefix}.lr", self.lr, 0.0, low_open=True, allowed="a finite number > 0")
+        check_finite(f"{prefix}.lr", self.lr, 0.0, low_open=True, allowed="a finite number > 0")
         if len(self.betas) != 2:
-            _fail(f"{prefix}.betas", "a pair [beta1, beta2], each in [0, 1)", list(self.betas))
+            invalid(f"{prefix}.betas", "a pair [beta1, beta2], each in [0, 1)", list(self.betas))
         for index, beta in enumerate(self.betas):
-            _finite(f"{prefix}.betas[{index}]", beta, 0.0, 1.0, high_open=True,
-                    allowed="a number in [0, 1)")
-        _finite(f"{prefix}.eps", self.eps, 0.0, low_open=True, allowed="a finite number > 0")
-        _finite(f"{prefix}.weight_decay", self.weight_decay, 0.0,
-                allowed="a finite number >= 0")
-        _finite(f"{prefix}.grad_clip", self.grad_clip, 0.0,
-                allowed="a finite number >= 0 (0 turns clipping off)")
-        _at_least(f"{prefix}.grad_accum", self.grad_accum, 1)
+            check_finite(f"{prefix}.betas[{index}]", beta, 0.0, 1.0, high_open=True,
+                         allowed="a number in [0, 1)")
+        check_finite(f"{prefix}.eps", self.eps, 0.0, low_open=True, allowed="a finite number > 0")
+        check_finite(f"{prefix}.weight_decay", self.weight_decay, 0.0,
+                     allowed="a finite number >= 0")
+        check_finite(f"{prefix}.grad_clip", self.grad_clip, 0.0,
+                     allowed="a finite number >= 0 (0 turns clipping off)")
+        check_at_least(f"{prefix}.grad_accum", self.grad_accum, 1)
 
 
 @dataclass
@@ -86,10 +87,10 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
 
     def validate(self, prefix: str = "schedule") -> None:
-        _choice(f"{prefix}.kind", self.kind, SCHEDULES)
-        _at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
-        _finite(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0,
-                allowed="a number in [0, 1]")
+        check_choice(f"{prefix}.kind", self.kind, SCHEDULES)
+        check_at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
+        check_finite(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0,
+                     allowed="a number in [0, 1]")
 
 
 @dataclass
@@ -112,23 +113,23 @@ class RunConfig:
 
     def validate(self, prefix: str = "run") -> None:
         if not self.output_dir:
-            _fail(f"{prefix}.output_dir", "a folder path", self.output_dir)
-        _at_least(f"{prefix}.max_steps", self.max_steps, 0)
-        _at_least(f"{prefix}.max_epochs", self.max_epochs, 0)
+            invalid(f"{prefix}.output_dir", "a folder path", self.output_dir)
+        check_at_least(f"{prefix}.max_steps", self.max_steps, 0)
+        check_at_least(f"{prefix}.max_epochs", self.max_epochs, 0)
         if self.max_steps == 0 and self.max_epochs == 0:
-            _fail(f"{prefix}.max_steps / {prefix}.max_epochs",
-                  "set so that at least one is > 0 (0 means no limit from that field)", 0)
-        _choice(f"{prefix}.device", self.device, DEVICES)
-        _choice(f"{prefix}.dtype", self.dtype, DTYPES)
-        _choice(f"{prefix}.strategy", self.strategy, STRATEGIES)
-        _at_least(f"{prefix}.log_every", self.log_every, 1)
-        _at_least(f"{prefix}.checkpoint_every", self.checkpoint_every, 0)
-        _at_least(f"{prefix}.keep_last", self.keep_last, 1)
+            invalid(f"{prefix}.max_steps / {prefix}.max_epochs",
+                    "set so that at least one is > 0 (0 means no limit from that field)", 0)
+        check_choice(f"{prefix}.device", self.device, DEVICES)
+        check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
+        check_choice(f"{prefix}.strategy", self.strategy, STRATEGIES)
+        check_at_least(f"{prefix}.log_every", self.log_every, 1)
+        check_at_least(f"{prefix}.checkpoint_every", self.checkpoint_every, 0)
+        check_at_least(f"{prefix}.keep_last", self.keep_last, 1)
         if not self.resume:
-            _fail(f"{prefix}.resume", "'auto', 'never' or a checkpoint folder", self.resume)
+            invalid(f"{prefix}.resume", "'auto', 'never' or a checkpoint folder", self.resume)
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
-            _fail(f"{prefix}.resume", "'auto', 'never' or an existing checkpoint folder",
-                  self.resume)
+            invalid(f"{prefix}.resume", "'auto', 'never' or an existing checkpoint folder",
+                    self.resume)
 
 
 @dataclass
@@ -142,93 +143,10 @@ class TrainerConfig:
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2**63:
-            _fail("seed", "an integer in [0, 2**63)", self.seed)
+            invalid("seed", "an integer in [0, 2**63)", self.seed)
         self.optim.validate()
         self.schedule.validate()
         self.run.validate()
-
-
-@dataclass
-class ModelConfig:
-    """The SpeechLM's parts. ``None`` paths mean the models that ``rba prepare`` converts, the
-    student's own LLM as teacher, and a fresh adapter. ``lora_rank`` 0 leaves the LLM frozen."""
-
-    encoder: str | None = None
-    llm: str | None = None
-    teacher: str | None = None
-    adapter: str | None = None
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-
-    def validate(self, prefix: str = "model") -> None:
-        for name in ("encoder", "llm", "teacher", "adapter"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).exists():
-                _fail(f"{prefix}.{name}", "an existing path or null (the default model)", value)
-        _at_least(f"{prefix}.lora_rank", self.lora_rank, 0)
-        _finite(f"{prefix}.lora_alpha", self.lora_alpha, 0.0, low_open=True,
-                allowed="a finite number > 0")
-        if not self.lora_targets or not all(self.lora_targets):
-            _fail(f"{prefix}.lora_targets", "a non-empty list of projection names such as "
-                  "[q_proj, v_proj]", list(self.lora_targets))
-
-
-@dataclass
-class DataConfig:
-    """The dataset folder written by ``rba synth`` (manifest.jsonl + audio/)."""
-
-    dir: str = "data/speech"
-    split: str = "train"
-    batch_size: int = 8
-    max_duration: float = 30.0
-    max_response_tokens: int | None = None
-
-    def validate(self, prefix: str = "data") -> None:
-        if not self.dir:
-            _fail(f"{prefix}.dir", "a dataset folder holding manifest.jsonl", self.dir)
-        _choice(f"{prefix}.split", self.split, ("train", "heldout"))
-        _at_least(f"{prefix}.batch_size", self.batch_size, 1)
-        _finite(f"{prefix}.max_duration", self.max_duration, 0.0, 30.0, low_open=True,
-                allowed="a number of seconds in (0, 30] (Whisper's window)")
-        if self.max_response_tokens is not None:
-            _at_least(f"{prefix}.max_response_tokens", self.max_response_tokens, 1)
-
-
-@dataclass
-class LossConfig:
-    """Distillation settings (``kd`` only; ``sft`` is plain cross-entropy)."""
-
-    kind: str = "forward_kl"
-    temperature: float = 2.0
-    jsd_beta: float = 0.5
-
-    def validate(self, prefix: str = "loss") -> None:
-        _choice(f"{prefix}.kind", self.kind, KD_KINDS)
-        _finite(f"{prefix}.temperature", self.temperature, 0.0, low_open=True,
-                allowed="a finite number > 0")
-        _finite(f"{prefix}.jsd_beta", self.jsd_beta, 0.0, 1.0, low_open=True, high_open=True,
-                allowed="a number in (0, 1)")
-
-
-@dataclass
-class TrainConfig(TrainerConfig):
-    """The ``rba train`` configuration: the trainer's sections plus the SpeechLM task's."""
-
-    task: str = "kd"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-
-    def validate(self) -> None:
-        _choice("task", self.task, TASKS)
-        super().validate()
-        self.model.validate()
-        if self.task == "align" and self.model.lora_rank > 0:
-            _fail("model.lora_rank", "0 with task=align (CTC alignment trains the adapter only; "
-                  "the LLM does not run)", self.model.lora_rank)
-        self.data.validate()
-        self.loss.validate()
 
 
 C = TypeVar("C")
@@ -249,16 +167,16 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         return _coerce(name, value, inner[0])
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            _fail(name, f"a mapping of {', '.join(f.name for f in dataclasses.fields(annotation))}",
-                  value)
+            fields = ", ".join(f.name for f in dataclasses.fields(annotation))
+            invalid(name, f"a mapping of {fields}", value)
         return _build(annotation, value, name)
     if annotation is bool:
         if not isinstance(value, bool):
-            _fail(name, "true or false", value)
+            invalid(name, "true or false", value)
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(name, "an integer", value)
+            invalid(name, "an integer", value)
         return value
     if annotation is float:
         # YAML 1.1 reads "3e-4" (no dot) as a string, a common surprise in learning rates.
@@ -266,27 +184,27 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             try:
                 value = float(value)
             except ValueError:
-                _fail(name, "a number", value)
+                invalid(name, "a number", value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(name, "a number", value)
+            invalid(name, "a number", value)
         return float(value)
     if annotation is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            _fail(name, "a string", value)
+            invalid(name, "a string", value)
         return value
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            _fail(name, "a list", value)
+            invalid(name, "a list", value)
         return tuple(_coerce(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            _fail(name, f"a list of {len(args)} numbers", value)
+            invalid(name, f"a list of {len(args)} numbers", value)
         if len(value) != len(args):
-            _fail(name, f"a list of exactly {len(args)} items", list(value))
+            invalid(name, f"a list of exactly {len(args)} items", list(value))
         return tuple(_coerce(f"{name}[{i}]", item, arg)
                      for i, (item, arg) in enumerate(zip(value, args)))
     raise TypeError(f"unsupported config annotation {annotation!r} for {name}")
@@ -295,9 +213,14 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
 def _build(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    # A config class may name keys it used to have (``MOVED = {"old": "what to write now"}``),
+    # so that an old file fails with the fix instead of a bare "unknown field".
+    moved: dict[str, str] = getattr(cls, "MOVED", {})
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names and key in moved:
+            raise ConfigError(f"config field {full!r} is no longer read: {moved[key]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             suggestion = (prefix + "." if prefix else "") + close[0] if close else ""
@@ -342,20 +265,25 @@ def apply_override(values: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def build_config(cls: type[C], values: dict[str, Any] | None = None,
-                 overrides: list[str] | tuple[str, ...] = ()) -> C:
-    """A validated ``cls`` from a nested dict plus ``a.b=value`` overrides."""
+def with_overrides(values: dict[str, Any] | None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of the nested ``values`` with each ``a.b=value`` override applied in order."""
     merged = _deep_copy(values or {})
     for override in overrides:
         apply_override(merged, override)
-    config = _build(cls, merged)
-    config.validate()
+    return merged
+
+
+def build_config(cls: type[C], values: dict[str, Any] | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """A validated ``cls`` from a nested dict plus ``a.b=value`` overrides."""
+    config = _build(cls, with_overrides(values, overrides))
+    config.validate()  # type: ignore[attr-defined]
     return config
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
-                cls: type[C] = TrainConfig) -> C:
-    """Read a YAML file into ``cls`` (default :class:`TrainConfig`), then apply overrides."""
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of sections a YAML config file holds (an empty file is no sections)."""
     import yaml
 
     file = Path(path)
@@ -367,11 +295,18 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {file}: not valid YAML ({error})") from None
     if values is None:
-        values = {}
+        return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {file}: must hold a mapping of sections, found "
                           f"{type(values).__name__}")
-    return build_config(cls, values, overrides)
+    return values
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                cls: type[C] = TrainerConfig) -> C:  # type: ignore[assignment]
+    """Read a YAML file into ``cls``, then apply overrides. A task's file (one with ``task:``)
+    loads through :func:`rba_core.tasks.load_task_config`, which picks the task's class."""
+    return build_config(cls, read_config_file(path), overrides)
 
 
 def _deep_copy(values: dict[str, Any]) -> dict[str, Any]:

@@ -3,10 +3,10 @@ and nothing about audio: the model, the data and the loss come from a :class:`Tr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,28 +17,49 @@ import torch
 from torch import nn
 
 from rba_core.errors import CheckpointError, ConfigError
+from rba_core.files import write_text_atomic
 from rba_core.train import checkpoint as ckpt
 from rba_core.train import distributed as dd
 from rba_core.train.config import TrainerConfig, config_to_dict
-from rba_core.train.metrics import PLOT_NAME, MetricsWriter, plot_metrics
 from rba_core.train.schedule import build_scheduler
+from rba_core.train.step_log import COUNTED, RunCounters, StepLog
 
 logger = logging.getLogger("rba.train")
 
 
 @runtime_checkable
 class TrainTask(Protocol):
-    """What the trainer needs from a model + data + loss.
+    """What the trainer needs from a model + data + loss: the three methods below, plus the
+    optional ones it uses when present.
 
     ``train_batches`` must be a pure function of its arguments (same batches in the same order
     for the same epoch, rank, world size and seed): exact resume replays it and skips the
     batches already trained on (or, when the returned object has ``iter_from(n)``, asks it to
-    start at batch ``n`` without loading the ones before). Optional methods the trainer uses
-    when present:
-    ``state_dict()`` / ``load_state_dict(state)`` for state beyond the parameters,
-    ``fsdp_modules() -> list[nn.Module]`` (innermost first) for ``run.strategy=fsdp``, and
-    ``batch_weight(batch) -> float`` (e.g. the token count) to weight micro-batches and ranks
-    by it, so that a per-token mean loss trains exactly as on the combined batch.
+    start at batch ``n`` without loading the ones before). Its iterator is pulled lazily, one
+    optimizer step's ``optim.grad_accum`` batches right before that step, so a batch may be
+    made from the weights as they are then (rollouts of the current policy).
+
+    ``loss(batch)`` returns a scalar tensor and a dict of float metrics. ``tokens`` and
+    ``samples`` are counts, summed over the step's micro-batches (``tokens`` also gives
+    ``tokens_per_s`` and ``tokens_seen``); every other key is averaged over the micro-batches,
+    then over the steps of a ``run.log_every`` window and over ranks, and written to
+    ``metrics.jsonl`` (a key some steps lack is averaged over the steps that have it).
+
+    Optional methods:
+
+    - ``batch_weight(batch) -> float`` (e.g. its token count) weights micro-batches and ranks
+      by it, so that a per-token mean loss trains exactly as on the combined batch;
+    - ``fsdp_modules() -> list[nn.Module]`` (innermost first) for ``run.strategy=fsdp``;
+    - ``on_step_end(step, record) -> dict[str, float] | None`` runs on every rank after each
+      optimizer step (1-based ``step``; ``record`` holds the step's metrics, ``lr``,
+      ``grad_norm`` and ``skipped``), before logging and checkpointing: per-step work such as
+      an adaptive KL controller or a periodic evaluation, whose returned metrics join the
+      step's record;
+    - ``state_dict() -> Any`` / ``load_state_dict(state)``: state beyond the trainable
+      parameters (counters, controllers, frozen reference weights) that exact resume needs.
+      ``state_dict()`` is called on every rank at each checkpoint (so it may gather across
+      ranks); rank 0's result is saved in ``task.pt`` with ``torch.save``, and every rank
+      gets it back through ``load_state_dict`` before the first resumed step.
     """
 
     def trainable_parameters(self) -> list[nn.Parameter]: ...
@@ -74,6 +95,16 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 _END = object()
 
 
+@dataclass
+class Position:
+    """Where the run is: optimizer steps taken, the epoch, and the batches of that epoch this
+    rank has consumed (what a checkpoint records and a resume continues from)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
 class Trainer:
     """Run ``task`` under ``config``: ``Trainer(config, task).train()``.
 
@@ -93,10 +124,7 @@ class Trainer:
         self.task = task
         self.dist = dist_info or dd.init_distributed(config.run.device)
         self.output_dir = Path(config.run.output_dir)
-        self.skipped_steps = 0
-        self.nonfinite_loss = 0
-        self.nonfinite_grad = 0
-        self.tokens_seen = 0.0
+        self.counters = RunCounters()
 
     # ----------------------------------------------------------------------------- set-up
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -167,7 +195,7 @@ class Trainer:
             return ckpt.latest_checkpoint(self.output_dir)
         return Path(resume)
 
-    def save(self, step: int, epoch: int, position: int) -> Path | None:
+    def save(self, at: Position) -> Path | None:
         """Write a checkpoint from every rank's state; only rank 0 touches the disk."""
         params = [dd.full_tensor(p.detach()) for p in self.params]
         optimizer_state = self.optimizer.state_dict()
@@ -183,15 +211,14 @@ class Trainer:
         path = None
         if self.dist.is_main:
             state = {
-                "step": step, "epoch": epoch, "position": position,
+                "step": at.step, "epoch": at.epoch, "position": at.batch,
                 "world_size": self.dist.world_size,
                 "scheduler": self.scheduler.state_dict(),
-                "skipped_steps": self.skipped_steps, "nonfinite_loss": self.nonfinite_loss,
-                "nonfinite_grad": self.nonfinite_grad, "tokens_seen": self.tokens_seen,
+                **dataclasses.asdict(self.counters),
                 "config": config_to_dict(self.config),
             }
             path = ckpt.write_checkpoint(
-                self.output_dir, step, params=params, optimizer_state=optimizer_state,
+                self.output_dir, at.step, params=params, optimizer_state=optimizer_state,
                 rng_states=rng_states, task_state=task_state, state=state,
                 keep_last=self.config.run.keep_last)
         dd.barrier(self.dist)
@@ -224,10 +251,11 @@ class Trainer:
         load_fn = getattr(self.task, "load_state_dict", None)
         if task_file.is_file() and callable(load_fn):
             load_fn(ckpt.read_torch(folder, ckpt.TASK_NAME))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.nonfinite_loss = int(state.get("nonfinite_loss", 0))
-        self.nonfinite_grad = int(state.get("nonfinite_grad", 0))
-        self.tokens_seen = float(state.get("tokens_seen", 0.0))
+        self.counters = RunCounters(
+            skipped_steps=int(state.get("skipped_steps", 0)),
+            nonfinite_loss=int(state.get("nonfinite_loss", 0)),
+            nonfinite_grad=int(state.get("nonfinite_grad", 0)),
+            tokens_seen=float(state.get("tokens_seen", 0.0)))
         rng = ckpt.read_torch(folder, ckpt.RNG_NAME)
         return state, rng
 
@@ -316,7 +344,7 @@ class Trainer:
             finite, value, metrics = self._micro_step(batch, scale, fsdp)
             if not finite:
                 ok = False
-                self.nonfinite_loss += 1
+                self.counters.nonfinite_loss += 1
                 break
             losses.append(value)
             for key, metric in metrics.items():
@@ -333,7 +361,7 @@ class Trainer:
                 self.optimizer.step()
             else:
                 ok = False
-                self.nonfinite_grad += 1
+                self.counters.nonfinite_grad += 1
         self.optimizer.zero_grad(set_to_none=True)
         # A skipped step still spends its slot of the schedule, so that step numbers, learning
         # rates and data positions stay aligned with an unskipped run. (Torch warns when the
@@ -346,9 +374,9 @@ class Trainer:
             record["loss"] = sum(losses) / len(losses)
             for key, total in sums.items():
                 # Counts (tokens, samples) add up over micro-batches; rates average.
-                record[key] = total if key in ("tokens", "samples") else total / len(losses)
+                record[key] = total if key in COUNTED else total / len(losses)
         if not ok:
-            self.skipped_steps += 1
+            self.counters.skipped_steps += 1
         return record
 
     @staticmethod
@@ -363,6 +391,42 @@ class Trainer:
 
     def train(self) -> TrainResult:
         """Train until ``run.max_steps`` / ``run.max_epochs``; resume first if configured."""
+        run = self.config.run
+        fsdp = self._set_up()
+        at, rng_states, resumed_from = self._resume()
+        self._write_config()
+        log = StepLog(self.dist, self.output_dir, run, total_steps=self.total_steps,
+                      step=at.step, resumed=resumed_from is not None)
+        last_path = resumed_from
+        last_saved = at.step if resumed_from is not None else -1
+        try:
+            for group in self._step_groups(at, rng_states):
+                record = self._optimizer_step(group, fsdp)
+                at.batch += len(group)
+                at.step += 1
+                record.update(self._task_step_end(at.step, record))
+                log.after_step(record, at.step, at.epoch, self.counters)
+                if run.checkpoint_every and at.step % run.checkpoint_every == 0:
+                    last_path = self.save(at)
+                    last_saved = at.step
+            log.flush(at.step, at.epoch, self.counters)
+            if last_saved != at.step and at.step > 0:
+                last_path = self.save(at)
+        finally:
+            log.close()
+        log.plot()
+        return TrainResult(step=at.step, epoch=at.epoch,
+                           skipped_steps=self.counters.skipped_steps,
+                           nonfinite_loss=self.counters.nonfinite_loss,
+                           nonfinite_grad=self.counters.nonfinite_grad,
+                           output_dir=self.output_dir, checkpoint=last_path,
+                           last_metrics=log.last_record)
+
+    # -------------------------------------------------------------------- train()'s steps
+    def _set_up(self) -> bool:
+        """Shard (FSDP) or replicate the task's model, collect its trainable parameters, give
+        every rank rank 0's values, and build the optimizer and the schedule. Returns whether
+        the model is FSDP-sharded."""
         config, run, info = self.config, self.config.run, self.dist
         fsdp = run.strategy == "fsdp"
         if fsdp:
@@ -376,156 +440,96 @@ class Trainer:
                                   "torchrun --nproc_per_node=N (N > 1) or use run.strategy=ddp")
             autocast_bf16 = run.dtype == "bfloat16" or (run.dtype == "auto"
                                                         and info.device.type == "cuda")
-            dd.apply_fsdp(modules, info,
-                          torch.bfloat16 if autocast_bf16 else None)
+            dd.apply_fsdp(modules, info, torch.bfloat16 if autocast_bf16 else None)
         self.params = self._params()
         dd.broadcast_parameters(self.params, info)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
             weight_decay=config.optim.weight_decay)
-        total_steps = self._total_steps()
-        self.scheduler = build_scheduler(self.optimizer, total_steps, config.schedule)
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.schedule)
+        return fsdp
 
-        resume_dir = self._resume_from()
-        step = epoch = position = 0
-        rng_states = None
-        if resume_dir is not None:
-            state, rng_states = self._load(resume_dir)
-            step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
-            if int(state["world_size"]) != info.world_size:
-                # Each rank's shard changes with the world size; keep the number of samples
-                # already seen this epoch instead of the exact batches.
-                position = position * int(state["world_size"]) // info.world_size
-                warnings.warn(f"resuming a {state['world_size']}-rank checkpoint on "
-                              f"{info.world_size} ranks: the data order within this epoch is "
-                              "not replayed exactly", stacklevel=2)
-                rng_states = None
-                seed_everything(config.seed + step, info.rank)
-            self._warn_changed_settings(state.get("config", {}))
-            if info.is_main:
-                logger.info("resuming from %s (step %d)", resume_dir, step)
-        else:
-            seed_everything(config.seed, info.rank)
-
-        writer = None
+    def _resume(self) -> tuple[Position, list[dict[str, Any]] | None, Path | None]:
+        """Load the checkpoint ``run.resume`` names, if any: weights, optimizer, schedule,
+        counters and task state now; the returned RNG states (one per rank) wait until the
+        data iterator has been advanced. Without one, seed this rank's stream afresh."""
+        info, seed = self.dist, self.config.seed
+        folder = self._resume_from()
+        if folder is None:
+            seed_everything(seed, info.rank)
+            return Position(), None, None
+        state, rng_states = self._load(folder)
+        at = Position(int(state["step"]), int(state["epoch"]), int(state["position"]))
+        saved_world = int(state["world_size"])
+        if saved_world != info.world_size:
+            # Each rank's shard changes with the world size; keep the number of samples
+            # already seen this epoch instead of the exact batches.
+            at.batch = at.batch * saved_world // info.world_size
+            warnings.warn(f"resuming a {saved_world}-rank checkpoint on {info.world_size} "
+                          "ranks: the data order within this epoch is not replayed exactly",
+                          stacklevel=3)
+            rng_states = None
+            seed_everything(seed + at.step, info.rank)
+        self._warn_changed_settings(state.get("config", {}))
         if info.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            import yaml
+            logger.info("resuming from %s (step %d)", folder, at.step)
+        return at, rng_states, folder
 
-            (self.output_dir / "config.yaml").write_text(
-                yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-            writer = MetricsWriter(self.output_dir, resume_step=step if resume_dir else None,
-                                   tensorboard=run.tensorboard)
-        progress = None
-        if info.is_main and run.progress:
-            from tqdm.auto import tqdm
+    def _write_config(self) -> None:
+        """The resolved configuration beside the run's outputs (rank 0)."""
+        if not self.dist.is_main:
+            return
+        import yaml
 
-            progress = tqdm(total=total_steps, initial=step, desc="train", unit="step",
-                            dynamic_ncols=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.output_dir / "config.yaml",
+                          yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
 
-        last_path: Path | None = resume_dir
-        last_saved = step if resume_dir is not None else -1
-        window: dict[str, tuple[float, int]] = {}
-        window_steps = 0
-        window_start = time.perf_counter()
-        window_tokens = 0.0
-        last_record: dict[str, float] = {}
-        accum = config.optim.grad_accum
-        try:
-            while step < total_steps and (run.max_epochs == 0 or epoch < run.max_epochs):
-                batches = self.task.train_batches(epoch, info.rank, info.world_size, config.seed)
-                iter_from = getattr(batches, "iter_from", None)
-                if callable(iter_from):
-                    iterator = iter(iter_from(position))
-                else:
-                    iterator = iter(batches)
-                    for _ in range(position):
-                        if next(iterator, _END) is _END:
-                            break
-                if rng_states is not None:
-                    ckpt.restore_rng(rng_states[info.rank])
-                    rng_states = None
-                while step < total_steps:
-                    group = self._take(iterator, accum)
-                    # Every rank must run the same number of steps or collectives would hang;
-                    # the shortest shard ends the epoch (a trailing partial group is dropped).
-                    if dd.min_over_ranks(len(group), info) < accum:
-                        break
-                    record = self._optimizer_step(group, fsdp)
-                    position += accum
-                    step += 1
-                    if record["skipped"]:
-                        message = (f"step {step}: non-finite loss or gradient on some rank, "
-                                   f"update skipped ({self.skipped_steps} skipped so far)")
-                        if info.is_main:
-                            logger.warning(message)
-                        warnings.warn(message, RuntimeWarning, stacklevel=2)
-                    for key, value in record.items():
-                        if key in ("tokens", "samples", "skipped"):
-                            continue
-                        total, count = window.get(key, (0.0, 0))
-                        window[key] = (total + float(value), count + 1)
-                    window_steps += 1
-                    window_tokens += float(record.get("tokens", 0.0))
-                    if progress is not None:
-                        progress.update(1)
-                        if "loss" in record:
-                            progress.set_postfix(loss=f"{record['loss']:.4f}",
-                                                 lr=f"{record['lr']:.2e}")
-                    if step % run.log_every == 0 or step == total_steps:
-                        last_record = self._log(writer, window, window_steps, window_tokens,
-                                                window_start, step, epoch)
-                        window, window_steps, window_tokens = {}, 0, 0.0
-                        window_start = time.perf_counter()
-                    if run.checkpoint_every and step % run.checkpoint_every == 0:
-                        last_path = self.save(step, epoch, position)
-                        last_saved = step
-                if step >= total_steps:
-                    break
-                epoch += 1
-                position = 0
-            if window_steps:
-                last_record = self._log(writer, window, window_steps, window_tokens,
-                                        window_start, step, epoch)
-            if last_saved != step and step > 0:
-                last_path = self.save(step, epoch, position)
-        finally:
-            if progress is not None:
-                progress.close()
-            if writer is not None:
-                writer.close()
-        if info.is_main and run.plot and writer is not None:
-            plot_metrics(writer.path, self.output_dir / PLOT_NAME)
-        return TrainResult(step=step, epoch=epoch, skipped_steps=self.skipped_steps,
-                           nonfinite_loss=self.nonfinite_loss,
-                           nonfinite_grad=self.nonfinite_grad, output_dir=self.output_dir,
-                           checkpoint=last_path, last_metrics=last_record)
+    def _step_groups(self, at: Position,
+                     rng_states: list[dict[str, Any]] | None) -> Iterator[list[Any]]:
+        """Each optimizer step's ``optim.grad_accum`` batches, from ``at`` to the run's end.
 
-    def _log(self, writer: MetricsWriter | None, window: dict[str, tuple[float, int]],
-             steps: int, tokens: float, start: float, step: int, epoch: int) -> dict[str, float]:
-        """Average the window's metrics over its steps and ranks, then write them (rank 0).
-
-        A skipped step has no loss, so each metric is averaged over the steps that report it.
+        The caller advances ``at.step`` and ``at.batch`` after each group; this moves
+        ``at.epoch`` on when an epoch's batches run out. A resumed epoch replays from batch
+        ``at.batch``, and the checkpoint's RNG states are restored only after that, so the
+        batches skipped draw nothing.
         """
-        local = {key: total / count for key, (total, count) in window.items() if count}
-        gathered = dd.gather_objects((local, tokens), self.dist)
-        merged: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        total_tokens = 0.0
-        for values, rank_tokens in gathered:  # type: ignore[misc]
-            total_tokens += rank_tokens
-            for key, value in values.items():
-                merged[key] = merged.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
-        record: dict[str, Any] = {key: merged[key] / counts[key] for key in merged}
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        self.tokens_seen += total_tokens
-        record.update(step=step, epoch=epoch, skipped_steps=self.skipped_steps,
-                      nonfinite_loss=self.nonfinite_loss, nonfinite_grad=self.nonfinite_grad,
-                      steps_per_s=steps / elapsed, time=time.time())
-        if total_tokens:
-            record["tokens_per_s"] = total_tokens / elapsed
-            record["tokens_seen"] = self.tokens_seen
-        if writer is not None:
-            writer.write(record)
-        return record
+        run, info = self.config.run, self.dist
+        accum = self.config.optim.grad_accum
+        while at.step < self.total_steps and (run.max_epochs == 0 or at.epoch < run.max_epochs):
+            batches = self.task.train_batches(at.epoch, info.rank, info.world_size,
+                                              self.config.seed)
+            iterator = self._batches_from(batches, at.batch)
+            if rng_states is not None:
+                ckpt.restore_rng(rng_states[info.rank])
+                rng_states = None
+            while at.step < self.total_steps:
+                group = self._take(iterator, accum)
+                # Every rank must run the same number of steps or collectives would hang;
+                # the shortest shard ends the epoch (a trailing partial group is dropped).
+                if dd.min_over_ranks(len(group), info) < accum:
+                    break
+                yield group
+            if at.step >= self.total_steps:
+                return
+            at.epoch += 1
+            at.batch = 0
+
+    @staticmethod
+    def _batches_from(batches: Iterable[Any], start: int) -> Iterator[Any]:
+        iter_from = getattr(batches, "iter_from", None)
+        if callable(iter_from):
+            return iter(iter_from(start))
+        iterator = iter(batches)
+        for _ in range(start):
+            if next(iterator, _END) is _END:
+                break
+        return iterator
+
+    def _task_step_end(self, step: int, record: dict[str, Any]) -> dict[str, float]:
+        hook = getattr(self.task, "on_step_end", None)
+        if not callable(hook):
+            return {}
+        extra = hook(step, dict(record))
+        return {} if extra is None else {key: float(value) for key, value in extra.items()}

@@ -17,13 +17,13 @@ from rba_core.train import checkpoint as ckpt
 
 
 def test_kd_run_killed_and_resumed_matches_on_a_tiny_speechlm(tiny_models, tmp_path):
-    from rba_core.tasks.speech import build_speech_task
+    from rba_core.tasks import build_task
 
-    settings = ["task=kd", "loss.kind=jsd", "run.max_steps=5", "run.checkpoint_every=2",
+    settings = ["task=kd", "kd.kind=jsd", "run.max_steps=5", "run.checkpoint_every=2",
                 "schedule.warmup_steps=1", "model.lora_rank=2"]
     config = speech_config(tiny_models, tmp_path / "whole", *settings)
     torch.manual_seed(0)
-    whole = build_speech_task(config, torch.device("cpu"))
+    whole = build_task(config, torch.device("cpu"))
     start = adapter_weights(whole)
     result = Trainer(config, whole).train()
     assert result.step == 5 and result.skipped_steps == 0

@@ -50,7 +50,7 @@ def write_speech_files(root: Path) -> None:
 
 def speech_task(root: Path, batch_size: int):
     from rba_core.data.speech import SpeechDataset
-    from rba_core.tasks.speech import SpeechDistillTask
+    from rba_core.tasks.distill import SpeechDistillTask
 
     torch.manual_seed(0)
     speechlm = tiny_speechlm(root / "llm")

@@ -1,0 +1,126 @@
+"""What the trainer reports after each optimizer step: the skip warning, the progress bar, and
+every ``run.log_every`` steps one JSON Lines record (plus TensorBoard) averaging the window of
+steps since the last one over steps and ranks; the PNG of the curves when the run ends."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rba_core.train import distributed as dd
+from rba_core.train.config import RunConfig
+from rba_core.train.metrics import PLOT_NAME, MetricsWriter, plot_metrics
+
+logger = logging.getLogger("rba.train")
+
+# Per-step counts, not rates: summed over micro-batches, and kept out of the window's averages.
+COUNTED = ("tokens", "samples")
+
+
+@dataclass
+class RunCounters:
+    """Run-long totals; checkpointed, so a resumed run keeps counting from where it stopped."""
+
+    skipped_steps: int = 0
+    nonfinite_loss: int = 0
+    nonfinite_grad: int = 0
+    tokens_seen: float = 0.0
+
+
+class StepLog:
+    """The after-step reporting of one run, on every rank (the averages need all ranks); only
+    rank 0 writes files and shows the progress bar."""
+
+    def __init__(self, dist: dd.DistInfo, output_dir: Path, run: RunConfig, *,
+                 total_steps: int, step: int, resumed: bool) -> None:
+        self.dist = dist
+        self.output_dir = output_dir
+        self.run = run
+        self.total_steps = total_steps
+        self.writer = None
+        self.progress = None
+        if dist.is_main:
+            self.writer = MetricsWriter(output_dir, resume_step=step if resumed else None,
+                                        tensorboard=run.tensorboard)
+            if run.progress:
+                from tqdm.auto import tqdm
+
+                self.progress = tqdm(total=total_steps, initial=step, desc="train",
+                                     unit="step", dynamic_ncols=True)
+        self.last_record: dict[str, float] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.window: dict[str, tuple[float, int]] = {}
+        self.window_steps = 0
+        self.window_tokens = 0.0
+        self.window_start = time.perf_counter()
+
+    def after_step(self, record: dict[str, Any], step: int, epoch: int,
+                   counters: RunCounters) -> None:
+        """Report optimizer step ``step`` (1-based), whose metrics are ``record``."""
+        if record["skipped"]:
+            message = (f"step {step}: non-finite loss or gradient on some rank, update skipped "
+                       f"({counters.skipped_steps} skipped so far)")
+            if self.dist.is_main:
+                logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        for key, value in record.items():
+            if key in COUNTED or key == "skipped":
+                continue
+            total, count = self.window.get(key, (0.0, 0))
+            self.window[key] = (total + float(value), count + 1)
+        self.window_steps += 1
+        self.window_tokens += float(record.get("tokens", 0.0))
+        if self.progress is not None:
+            self.progress.update(1)
+            if "loss" in record:
+                self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if step % self.run.log_every == 0 or step == self.total_steps:
+            self.flush(step, epoch, counters)
+
+    def flush(self, step: int, epoch: int, counters: RunCounters) -> None:
+        """Average the window's metrics over its steps and ranks, then write them (rank 0).
+
+        A skipped step has no loss, so each metric is averaged over the steps that report it.
+        """
+        if not self.window_steps:
+            return
+        local = {key: total / count for key, (total, count) in self.window.items() if count}
+        gathered = dd.gather_objects((local, self.window_tokens), self.dist)
+        merged: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        total_tokens = 0.0
+        for values, rank_tokens in gathered:  # type: ignore[misc]
+            total_tokens += rank_tokens
+            for key, value in values.items():
+                merged[key] = merged.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+        record: dict[str, Any] = {key: merged[key] / counts[key] for key in merged}
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        counters.tokens_seen += total_tokens
+        record.update(step=step, epoch=epoch, skipped_steps=counters.skipped_steps,
+                      nonfinite_loss=counters.nonfinite_loss,
+                      nonfinite_grad=counters.nonfinite_grad,
+                      steps_per_s=self.window_steps / elapsed, time=time.time())
+        if total_tokens:
+            record["tokens_per_s"] = total_tokens / elapsed
+            record["tokens_seen"] = counters.tokens_seen
+        if self.writer is not None:
+            self.writer.write(record)
+        self.last_record = record
+        self._reset()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def plot(self) -> None:
+        """The PNG of the curves (rank 0, ``run.plot``), from the JSON Lines file."""
+        if self.writer is not None and self.run.plot:
+            plot_metrics(self.writer.path, self.output_dir / PLOT_NAME)
