@@ -6,11 +6,16 @@ One implementation for both, so a reward and the number reported for it cannot d
   order 6, word order 0, beta 2; BLEU with the 13a tokenizer, exponential smoothing and
   effective order), divided by 100 so they lie in [0, 1] like the other rewards. Several
   references are passed to sacrebleu as such and scored by its own multi-reference rules.
+- corpus_chrf, corpus_bleu: sacrebleu's corpus-level scores (statistics summed over all
+  sentences before the score is formed, as papers report BLEU), also in [0, 1].
 - exact_match, token_f1: SQuAD v2's official definitions (its normalize_answer, which Natural
   Questions evaluations reuse), the maximum over several gold answers. The normalisation
   deletes ASCII punctuation rather than turning it into a space, exactly as the official
   script does, so "Eiffel-Tower" becomes "eiffeltower"; matching that script keeps our
   numbers comparable to published ones.
+- contains_answer: whether a normalised gold answer occurs in the normalised prediction as a
+  whole-word run (the "has answer" check of open-domain QA, for answers that are right but
+  wrapped in a sentence).
 """
 from __future__ import annotations
 
@@ -66,6 +71,14 @@ def token_f1(prediction: str, references: str | Sequence[str]) -> float:
     return max(_f1(pred, normalize_answer(ref).split()) for ref in _references(references))
 
 
+def contains_answer(prediction: str, references: str | Sequence[str]) -> float:
+    """1.0 when some normalised reference is a run of whole words of the normalised
+    prediction ("nine" is in "there are nine generals", not in "ninety"), else 0.0."""
+    pred = f" {normalize_answer(prediction)} "
+    return max(float(bool(gold) and f" {gold} " in pred)
+               for gold in (normalize_answer(ref) for ref in _references(references)))
+
+
 def chrf(hypothesis: str, references: str | Sequence[str]) -> float:
     """sacrebleu's sentence chrF in [0, 1] (its score / 100)."""
     return sacrebleu.sentence_chrf(hypothesis, _references(references)).score / 100.0
@@ -74,3 +87,23 @@ def chrf(hypothesis: str, references: str | Sequence[str]) -> float:
 def bleu(hypothesis: str, references: str | Sequence[str]) -> float:
     """sacrebleu's sentence BLEU in [0, 1] (its score / 100)."""
     return sacrebleu.sentence_bleu(hypothesis, _references(references)).score / 100.0
+
+
+def _corpus(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[list[str], list[str]]:
+    hyps, refs = list(hypotheses), list(references)
+    if len(hyps) != len(refs) or not hyps or not all(isinstance(t, str) for t in hyps + refs):
+        raise ConfigError(f"corpus scores need one reference string per hypothesis string; got "
+                          f"{len(hyps)} hypotheses and {len(refs)} references")
+    return hyps, refs
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu's corpus chrF in [0, 1], one reference per hypothesis."""
+    hyps, refs = _corpus(hypotheses, references)
+    return sacrebleu.corpus_chrf(hyps, [refs]).score / 100.0
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu's corpus BLEU in [0, 1], one reference per hypothesis."""
+    hyps, refs = _corpus(hypotheses, references)
+    return sacrebleu.corpus_bleu(hyps, [refs]).score / 100.0
