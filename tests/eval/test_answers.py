@@ -1,5 +1,6 @@
 """Answer scoring (rba_core/eval/answers.py): the teacher's log-likelihood of an answer against
-a plain forward, chrF worked out by hand, and evaluate_answers row by row on a tiny SpeechLM."""
+a plain forward, the teacher gap (zero when the mismatched transcript is the own one), the
+on-topic and looping flags, and evaluate_answers row by row on a tiny SpeechLM."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 from helpers import write_dataset
 from rba_core.data.prompts import teacher_messages, teacher_prompt_ids
 from rba_core.data.speech import SpeechDataset
-from rba_core.errors import ConfigError
-from rba_core.eval.answers import chrf, evaluate_answers, teacher_loglik
+from rba_core.eval.answers import (
+    evaluate_answers, looping, mismatched, on_topic, teacher_gap, teacher_loglik,
+)
+from rba_core.rl.text_metrics import bleu, chrf
 from rba_core.rollout import SamplingConfig
 
 
@@ -31,17 +34,25 @@ def test_teacher_loglik_matches_a_plain_forward(slm_and_batch):
     assert float(result.per_token[0]) == pytest.approx(float(result.total[0]) / len(answers[0]))
 
 
-def test_chrf_by_hand():
-    assert chrf("the cat", "the cat") == 100.0
-    assert chrf("abc", "xyz") == 0.0
-    assert chrf("a b", "ab") == 100.0     # whitespace is ignored
-    # "ab" vs "abc": 1-grams P=2/2, R=2/3; 2-grams P=1/1, R=1/2; no 3-grams in "ab".
-    # P=1, R=7/12, F2 = 5PR / (4P + R) = 35/55.
-    assert chrf("ab", "abc") == pytest.approx(100 * 35 / 55)
-    assert chrf("abc", "ab") == pytest.approx(100 * 35 / 40)   # P and R swap: 5*(7/12)/(4*7/12+1)
-    assert chrf("", "") == 100.0 and chrf("", "a") == 0.0
-    with pytest.raises(ConfigError):
-        chrf("a", "b", order=0)
+def test_teacher_gap_is_zero_when_the_mismatched_transcript_is_the_own(slm):
+    tokenizer = slm.tokenizer
+    prompts = [teacher_prompt_ids(tokenizer, teacher_messages({"instruction": text}))
+               for text in ("what is the capital of france ?", "what color is the sky ?")]
+    answers = [tokenizer.encode("paris .") + [tokenizer.eos_id], tokenizer.encode("blue .")]
+    own, gap = teacher_gap(slm.llm, prompts, prompts, answers)
+    assert gap.tolist() == [0.0, 0.0]
+    assert own.per_token.tolist() == teacher_loglik(slm.llm, prompts, answers).per_token.tolist()
+    _, swapped = teacher_gap(slm.llm, prompts, mismatched(prompts), answers)
+    other = teacher_loglik(slm.llm, prompts[::-1], answers).per_token
+    assert swapped.tolist() == pytest.approx((own.per_token - other).tolist(), abs=1e-6)
+    assert mismatched([[1], [2], [3]]) == [[2], [3], [1]] and mismatched([[1]]) == [[1]]
+
+
+def test_on_topic_and_looping_flags():
+    assert on_topic("What is the capital of France?", "Paris is the capital.")
+    assert not on_topic("What is the capital of France?", "The answer is: blue.")
+    assert looping("The answer to this question is: " * 4)
+    assert not looping("Paris is the capital of France.")
 
 
 def test_evaluate_answers_scores_each_row(slm_and_batch, tmp_path):
@@ -57,7 +68,16 @@ def test_evaluate_answers_scores_each_row(slm_and_batch, tmp_path):
                                   SamplingConfig(temperature=0.0, max_new_tokens=6))
         assert row.answer == slm.tokenizer.decode(ids[0]).strip()
         assert row.chrf == chrf(row.answer, row.reference)
+        assert row.bleu == bleu(row.answer, row.reference)
         ll = teacher_loglik(slm.llm, one.teacher_prompt_ids, ids)
         assert row.answer_tokens == len(ids[0])
         assert row.teacher_logprob == pytest.approx(float(ll.per_token[0]), rel=1e-4)
-    assert report.summary()["chrf"] == pytest.approx(sum(r.chrf for r in report.rows) / 3)
+        # The mismatched transcript is the next row's (the last row's is the first's).
+        other = dataset.batch([(index + 1) % len(dataset)]).teacher_prompt_ids
+        gap = ll.per_token[0] - teacher_loglik(slm.llm, other, ids).per_token[0]
+        assert row.teacher_gap == pytest.approx(float(gap), abs=1e-5)
+    summary = report.summary()
+    assert summary["rows"] == 3.0
+    assert summary["chrf"] == pytest.approx(sum(r.chrf for r in report.rows) / 3)
+    assert set(summary) == {"rows", "teacher_logprob", "teacher_gap", "answer_tokens", "chrf",
+                            "bleu", "on_topic", "looping"}
