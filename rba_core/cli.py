@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "rba_core.commands.chat",
     "rba_core.commands.synth",
     "rba_core.commands.train",
+    "rba_core.commands.eval",
 )
 
 

@@ -1,0 +1,131 @@
+"""``rba eval``: the teacher, the untrained adapter and any number of trained adapters on the
+same items of one benchmark suite, with paired bootstrap intervals."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from rba_core.dtypes import DTYPE_NAMES
+
+# Most new tokens per answer when --max-new-tokens is not given: the synth answers were written
+# with at most 48-64 tokens, NQ answers are short, and IFEval asks for essays of 300+ words.
+MAX_NEW_TOKENS = {"synth": 64, "nq": 32, "ifeval": 512}
+
+
+def _adapter(spec: str) -> tuple[str, Path]:
+    name, sep, folder = spec.partition("=")
+    if not sep or not name.strip() or not folder:
+        raise argparse.ArgumentTypeError(f"takes NAME=DIR, got {spec!r}")
+    return name.strip(), Path(folder)
+
+
+def _voices(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from rba_core.commands.options import add_sampling_flags
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="compare the teacher, the untrained and trained adapters on a benchmark suite",
+        description="Every system answers the same items of one suite: synth (a dataset split, "
+                    "default the held-out one: teacher gap, chrF, BLEU, on topic, looping, "
+                    "length, repeat WER, per TTS engine), ifeval (Google's 541 prompts and "
+                    "checker, spoken) or nq (Natural Questions open, spoken: exact match, F1, "
+                    "contains). Greedy unless sampling flags say otherwise; --max-new-tokens "
+                    "defaults to " + ", ".join(f"{k} {v}" for k, v in MAX_NEW_TOKENS.items())
+                    + ". Writes OUT/results.md (also printed), OUT/results.json (every item's "
+                    "prompt, answers and scores) and OUT/results.png; every two systems get a "
+                    "paired bootstrap 95% interval of their difference. The ifeval and nq data "
+                    "come from installed packages: `make eval-install`.",
+    )
+    parser.add_argument("--suite", required=True, choices=("synth", "ifeval", "nq"))
+    parser.add_argument("--data", metavar="DIR", type=Path, default=None,
+                        help="--suite synth: the dataset folder (`rba synth` layout)")
+    parser.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
+                        help="--suite synth: which rows (default: heldout)")
+    systems = parser.add_argument_group("systems (in this order in the table)")
+    systems.add_argument("--teacher-text", action="store_true",
+                         help="the teacher reading the text: the ceiling")
+    systems.add_argument("--untrained", action="store_true",
+                         help="the SpeechLM with a fresh adapter drawn from --seed")
+    systems.add_argument("--adapter", action="append", type=_adapter, default=[],
+                         metavar="NAME=DIR",
+                         help="the SpeechLM with this adapter folder (repeatable; the packaged "
+                              "default is rba_core/assets/speechlm-default)")
+    parser.add_argument("--limit", type=int, default=0, metavar="N",
+                        help="the first N items in file order only (default: 0 = all)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where the results go (default: eval-SUITE)")
+    speech = parser.add_argument_group("spoken prompts (ifeval, nq)")
+    speech.add_argument("--engine", choices=("espeak", "piper"), default="espeak",
+                        help="TTS engine (default: espeak)")
+    speech.add_argument("--voices", type=_voices, default=(), metavar="V1,V2",
+                        help="voices to speak in: a voice, a base voice (en-us-nyc) or a variant "
+                             "(+f3) (default: the packaged adapter's held-out voices, "
+                             "en-us-nyc,+f3 for espeak; every voice of piper, which training "
+                             "never used)")
+    speech.add_argument("--piper-voice", action="append", default=[], metavar="FILE.onnx",
+                        help="an extra piper voice file (repeatable)")
+    speech.add_argument("--audio-cache", type=Path, default=None, metavar="DIR",
+                        help="where spoken prompts are kept for reruns (default: "
+                             "RBA cache/eval-audio)")
+    models = parser.add_argument_group("models")
+    models.add_argument("--encoder", default=None, help="Whisper folder (default: prepared)")
+    models.add_argument("--llm", default=None, help="LLM folder (default: prepared)")
+    models.add_argument("--teacher", default=None, metavar="DIR",
+                        help="another teacher LLM sharing the LLM's tokenizer (default: the "
+                             "SpeechLM's own LLM)")
+    models.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="items per generation batch (default: 8)")
+    parser.add_argument("--resamples", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples (default: 1000)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="torch threads (default: 0 = torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_sampling_flags(parser, max_new_tokens=None)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rba_core.dtypes import parse_dtype
+    from rba_core.eval.run import RESULTS_MD, EvalConfig, SystemSpec, run_eval
+    from rba_core.eval.suites import SuiteOptions
+    from rba_core.eval.systems import ModelPaths
+    from rba_core.commands.options import sampling_from_args
+    from rba_core.weights.prepare import DEFAULT_ENCODER, DEFAULT_LLM, resolve_model_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = MAX_NEW_TOKENS[args.suite]
+    # Stop ids are filled in from the tokenizer once it is loaded.
+    sampling = sampling_from_args(args, ())
+    systems = ([SystemSpec("teacher (text)", teacher=True)] if args.teacher_text else [])
+    systems += [SystemSpec("untrained")] if args.untrained else []
+    systems += [SystemSpec(name, adapter=folder) for name, folder in args.adapter]
+    paths = ModelPaths(encoder=resolve_model_dir(args.encoder, DEFAULT_ENCODER, "--encoder"),
+                       llm=resolve_model_dir(args.llm, DEFAULT_LLM, "--llm"),
+                       teacher=Path(args.teacher) if args.teacher else None,
+                       dtype=parse_dtype(args.dtype))
+    options = SuiteOptions(data=args.data, split=args.split, limit=args.limit,
+                           engine=args.engine, voices=args.voices,
+                           piper_voices=tuple(args.piper_voice), audio_cache=args.audio_cache,
+                           seed=args.seed, progress=not args.no_progress)
+    out = args.out or Path(f"eval-{args.suite}")
+    config = EvalConfig(suite=args.suite, systems=systems, paths=paths, sampling=sampling,
+                        options=options, out=out, batch_size=args.batch_size,
+                        resamples=args.resamples, seed=args.seed,
+                        progress=not args.no_progress,
+                        command="rba " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    run_eval(config)
+    print((out / RESULTS_MD).read_text(encoding="utf-8"), end="")
+    written = sorted(p.name for p in out.glob("results.*"))
+    print(f"rba eval: wrote {', '.join(written)} in {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,156 @@
+"""One ``rba eval`` run: every system answers the same items of one suite, then the summaries,
+the paired differences and the files (``results.json``, ``results.md``, ``results.png``).
+
+    results = run_eval(EvalConfig(suite="nq", systems=[SystemSpec("teacher (text)", None,
+                       teacher=True), SystemSpec("default", DEFAULT_ADAPTER_DIR)], ...))
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rba_core.errors import ConfigError
+from rba_core.eval import report
+from rba_core.eval.bootstrap import RESAMPLES
+from rba_core.eval.suites import Context, SuiteOptions, make_suite
+from rba_core.eval.systems import (
+    ModelPaths, TeacherText, load_speech_system, load_teacher, with_stops,
+)
+from rba_core.rollout import SamplingConfig
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+RESULTS_PNG = "results.png"
+
+
+@dataclass
+class SystemSpec:
+    """A line of the comparison: the teacher reading the text (``teacher``), or the SpeechLM
+    with the adapter folder ``adapter`` (None: a fresh, untrained adapter)."""
+
+    name: str
+    adapter: Path | None = None
+    teacher: bool = False
+
+
+@dataclass
+class EvalConfig:
+    suite: str
+    systems: list[SystemSpec]
+    paths: ModelPaths
+    sampling: SamplingConfig
+    options: SuiteOptions = field(default_factory=SuiteOptions)
+    out: Path | None = None
+    batch_size: int = 8
+    resamples: int = RESAMPLES
+    seed: int = 0
+    progress: bool = True
+    command: str = ""
+
+    def validate(self) -> None:
+        if not self.systems:
+            raise ConfigError("nothing to evaluate: pass --teacher-text, --untrained or "
+                              "--adapter NAME=DIR (any number of them)")
+        names = [s.name for s in self.systems]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"system names must differ, got {names}; name each --adapter")
+        if self.batch_size < 1 or self.resamples < 1:
+            raise ConfigError(f"--batch-size and --resamples must be >= 1, got "
+                              f"{self.batch_size} and {self.resamples}")
+
+
+def _log(message: str) -> None:
+    print(f"rba eval: {message}", file=sys.stderr, flush=True)
+
+
+def _machine() -> str:
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)")
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate every system of ``config`` on its suite; write the files when ``config.out``."""
+    config.validate()
+    teacher, tokenizer = load_teacher(config.paths)
+    suite = make_suite(config.suite, config.options)
+    items = suite.items(tokenizer)
+    for left in suite.left_out:
+        _log(f"left out {left['id']}: {left['reason']}")
+    if len(items) < 2:
+        raise ConfigError(f"--suite {config.suite}: {len(items)} items to evaluate (left out: "
+                          f"{len(suite.left_out)}); need at least 2 for intervals")
+    context = Context(teacher=teacher, tokenizer=tokenizer,
+                      sampling=with_stops(config.sampling, tokenizer),
+                      batch_size=config.batch_size, seed=config.seed, progress=config.progress)
+    records: dict[str, list[dict[str, Any]]] = {}
+    systems: dict[str, dict[str, Any]] = {}
+    for spec in config.systems:
+        start = time.perf_counter()
+        if spec.teacher:
+            system = TeacherText(spec.name, teacher, tokenizer)
+        else:
+            system = load_speech_system(spec.name, config.paths, spec.adapter, seed=config.seed)
+        records[spec.name] = suite.evaluate(system, items, context)
+        system.close()
+        gc.collect()
+        seconds = time.perf_counter() - start
+        systems[spec.name] = {"kind": system.kind,
+                              "adapter": str(spec.adapter) if spec.adapter else None,
+                              "seconds": round(seconds, 1)}
+        _log(f"{spec.name}: {len(items)} items in {seconds:.0f} s")
+
+    groups = sorted({item.group for item in items})
+    for name, rows in records.items():
+        systems[name]["summary"] = _dicts(report.summarize(
+            rows, suite.metrics, resamples=config.resamples, seed=config.seed))
+        systems[name]["groups"] = {
+            g: _dicts(report.summarize([r for r, item in zip(rows, items) if item.group == g],
+                                       suite.metrics, resamples=config.resamples,
+                                       seed=config.seed))
+            for g in groups} if len(groups) > 1 else {}
+    results = {
+        "suite": suite.name, "description": suite.description, "items": len(items),
+        "left_out": suite.left_out, "groups": groups, "command": config.command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(), "sampling": asdict(context.sampling),
+        "resamples": config.resamples, "seed": config.seed,
+        "metrics": [asdict(m) for m in suite.metrics], "systems": systems,
+        "differences": report.differences(records, suite.metrics, resamples=config.resamples,
+                                          seed=config.seed),
+        "per_item": [{"id": item.id, "text": item.text, "prompt": item.prompt,
+                      "audio": str(item.audio) if item.audio else None, "group": item.group,
+                      "gold": item.gold, **item.meta,
+                      "answers": {name: rows[i] for name, rows in records.items()}}
+                     for i, item in enumerate(items)],
+    }
+    if config.out is not None:
+        write_results(Path(config.out), results, suite.metrics)
+    return results
+
+
+def _dicts(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {key: interval.to_dict() for key, interval in summary.items()}
+
+
+def write_results(out: Path, results: dict[str, Any], metrics: Any) -> str:
+    """results.json, results.md and (with matplotlib) results.png in ``out``; returns the
+    markdown."""
+    from rba_core.files import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(out / RESULTS_JSON, results)
+    table = report.markdown(results, metrics)
+    write_text_atomic(out / RESULTS_MD, table)
+    why_not = report.bar_chart(out / RESULTS_PNG, results, metrics)
+    if why_not:
+        _log(why_not)
+    return table
