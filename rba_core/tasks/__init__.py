@@ -4,6 +4,8 @@
   SpeechLM and dataset builders, per-rank batching, token weighting, FSDP layers, export);
 - ``align``: CTC pre-alignment of the adapter (``task=align``);
 - ``distill``: SFT and KD (``task=sft``, ``task=kd``; the ``kd`` section);
+- ``rba``: RBA's RL step (``task=rba``; the ``rba`` section), for the SpeechLM and in text
+  mode;
 - ``registry``: task name -> config class and builder.
 
 A task builds its model, data and loss from its config; the trainer runs it.

@@ -19,6 +19,7 @@ import torch
 
 from rba_core.tasks.align import AlignConfig, build_align_task
 from rba_core.tasks.distill import DistillConfig, build_distill_task
+from rba_core.tasks.rba import RBATaskConfig, build_rba_task
 from rba_core.errors import ConfigError
 from rba_core.train.config import (
     TrainerConfig, build_config, invalid, read_config_file, with_overrides,
@@ -37,6 +38,7 @@ TASKS: dict[str, TaskSpec] = {
     "align": TaskSpec(AlignConfig, build_align_task),
     "sft": TaskSpec(DistillConfig, build_distill_task),
     "kd": TaskSpec(DistillConfig, build_distill_task),
+    "rba": TaskSpec(RBATaskConfig, build_rba_task),
 }
 # What a file (or the command line) without a ``task`` key trains.
 DEFAULT_TASK = "kd"

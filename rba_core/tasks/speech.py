@@ -156,10 +156,7 @@ class SpeechTask(ABC):
         return self.speechlm.trainable_parameters()
 
     def fsdp_modules(self) -> list[nn.Module]:
-        # The decoder and encoder layers hold nearly all weights; embeddings, norms and the
-        # LM head are read outside any layer's forward (splicing, fused losses) and so stay
-        # whole on every rank.
-        return [*self.speechlm.llm.model.layers, *self.speechlm.encoder.layers]
+        return fsdp_layers(self.speechlm)
 
     def train_batches(self, epoch: int, rank: int, world_size: int, seed: int) -> EpochBatches:
         return EpochBatches(self.dataset, self.batch_size, seed=seed, epoch=epoch, rank=rank,
@@ -189,6 +186,13 @@ class SpeechTask(ABC):
     def export(self, folder: str | os.PathLike) -> None:
         """Write what the run trained and inference loads: the adapter and its LoRA."""
         self.speechlm.save_trainable(folder)
+
+
+def fsdp_layers(speechlm: "SpeechLM") -> list[nn.Module]:
+    """What FSDP shards of a SpeechLM: the decoder and encoder layers hold nearly all weights;
+    embeddings, norms and the LM head are read outside any layer's forward (splicing, fused
+    losses) and so stay whole on every rank."""
+    return [*speechlm.llm.model.layers, *speechlm.encoder.layers]
 
 
 def load_speechlm(model: ModelConfig, device: torch.device) -> "SpeechLM":
