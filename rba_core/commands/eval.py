@@ -7,8 +7,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from rba_core.dtypes import DTYPE_NAMES
-
 # Most new tokens per answer when --max-new-tokens is not given: the synth answers were written
 # with at most 48-64 tokens, NQ answers are short, and IFEval asks for essays of 300+ words.
 MAX_NEW_TOKENS = {"synth": 64, "nq": 32, "ifeval": 512}
@@ -26,7 +24,7 @@ def _voices(text: str) -> tuple[str, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from rba_core.commands.options import add_sampling_flags
+    from rba_core.commands.options import add_model_flags, add_sampling_flags
 
     parser = subparsers.add_parser(
         "eval",
@@ -79,7 +77,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--teacher", default=None, metavar="DIR",
                         help="another teacher LLM sharing the LLM's tokenizer (default: the "
                              "SpeechLM's own LLM)")
-    models.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="items per generation batch (default: 8)")
     parser.add_argument("--resamples", type=int, default=1000, metavar="N",
@@ -87,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="torch threads (default: 0 = torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_flags(parser)
     add_sampling_flags(parser, max_new_tokens=None)
     parser.set_defaults(handler=run)
 
@@ -94,13 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rba_core.dtypes import parse_dtype
+    from rba_core.commands.options import model_placement, sampling_from_args
     from rba_core.eval.run import RESULTS_MD, EvalConfig, SystemSpec, run_eval
     from rba_core.eval.suites import SuiteOptions
     from rba_core.eval.systems import ModelPaths
-    from rba_core.commands.options import sampling_from_args
     from rba_core.weights.prepare import DEFAULT_ENCODER, DEFAULT_LLM, resolve_model_dir
 
+    dtype, device = model_placement(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.max_new_tokens is None:
@@ -113,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     paths = ModelPaths(encoder=resolve_model_dir(args.encoder, DEFAULT_ENCODER, "--encoder"),
                        llm=resolve_model_dir(args.llm, DEFAULT_LLM, "--llm"),
                        teacher=Path(args.teacher) if args.teacher else None,
-                       dtype=parse_dtype(args.dtype))
+                       dtype=dtype, device=device)
     options = SuiteOptions(data=args.data, split=args.split, limit=args.limit,
                            engine=args.engine, voices=args.voices,
                            piper_voices=tuple(args.piper_voice), audio_cache=args.audio_cache,

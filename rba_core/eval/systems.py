@@ -140,6 +140,7 @@ class ModelPaths:
     llm: Path
     teacher: Path | None = None
     dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
 
 
 def load_teacher(paths: ModelPaths) -> tuple["LlamaForCausalLM", "Tokenizer"]:
@@ -151,10 +152,10 @@ def load_teacher(paths: ModelPaths) -> tuple["LlamaForCausalLM", "Tokenizer"]:
 
     tokenizer = Tokenizer.from_pretrained(paths.llm)
     if paths.teacher is None:
-        llm = LlamaForCausalLM.from_pretrained(paths.llm, dtype=paths.dtype)
+        llm = LlamaForCausalLM.from_pretrained(paths.llm, dtype=paths.dtype, device=paths.device)
         llm.requires_grad_(False)
         return llm.eval(), tokenizer
-    teacher, _ = load_other(paths.teacher, tokenizer, dtype=paths.dtype)
+    teacher, _ = load_other(paths.teacher, tokenizer, dtype=paths.dtype, device=paths.device)
     return teacher.eval(), tokenizer
 
 
@@ -165,7 +166,8 @@ def load_speech_system(name: str, paths: ModelPaths, adapter: Path | None, *,
     from rba_core.models.speechlm import SpeechLM
 
     torch.manual_seed(seed)
-    slm = SpeechLM.from_pretrained(paths.encoder, paths.llm, adapter, dtype=paths.dtype)
+    slm = SpeechLM.from_pretrained(paths.encoder, paths.llm, adapter, dtype=paths.dtype,
+                                   device=paths.device)
     return SpeechSystem(name, slm.eval(), adapter)
 
 
