@@ -29,25 +29,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rba_core.data.tokenizer import Tokenizer
     from rba_core.errors import ConfigError
-    from rba_core.models.llama import LlamaForCausalLM
+    from rba_core.models.llama import LlamaConfig
     from rba_core.rollout import generate
     from rba_core.weights.loading import LLM_MODEL_TYPES, load_model
     from rba_core.weights.prepare import resolve_model_dir
+    from rba_core.weights.safetensors_io import read_config
 
-    # Bad flags fail before any model loads.
+    # Bad flags, and a prompt the model cannot take, fail before any weights load.
     sampling_from_args(args, ())
     dtype, device = model_placement(args)
     folder = resolve_model_dir(args.model, DEFAULT_LLM, "--model")
-    model = load_model(folder, dtype=dtype, device=device)
-    if not isinstance(model, LlamaForCausalLM):
+    if read_config(folder).get("model_type") not in LLM_MODEL_TYPES:
         raise ConfigError(f"{folder}: `rba generate` needs an LLM checkpoint (model_type one of "
                           f"{', '.join(LLM_MODEL_TYPES)})")
+    context = LlamaConfig.from_pretrained(folder).max_position_embeddings
     tokenizer = Tokenizer.from_pretrained(folder)
     messages = []
     if args.system is not None:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": args.prompt})
     prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    if len(prompt_ids) + args.max_new_tokens > context:
+        raise ConfigError(f"--prompt is {len(prompt_ids)} tokens in the chat template; with "
+                          f"--max-new-tokens {args.max_new_tokens} that passes the model's "
+                          f"context of {context} tokens (max_position_embeddings in "
+                          f"{folder}/config.json); shorten --prompt or lower --max-new-tokens")
+    model = load_model(folder, dtype=dtype, device=device)
     reply = generate(model, [prompt_ids], sampling_from_args(args, tokenizer.stop_ids),
                      seed=args.seed)[0]
     print(tokenizer.decode(reply, skip_special_tokens=True).strip())

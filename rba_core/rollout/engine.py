@@ -19,7 +19,7 @@ import torch
 from rba_core.errors import ConfigError
 from rba_core.models.packed import PackedProjections
 from rba_core.rollout.cache import CascadeAttention, SharedPrefixKVCache, unshared_kv_bytes
-from rba_core.rollout.prompts import Prompts, check_model, embed_prompts, prefill
+from rba_core.rollout.prompts import Prompts, check_context, check_model, embed_prompts, prefill
 from rba_core.rollout.sampling import SamplingConfig, sample_tokens
 
 FINISH_STOP = "stop"
@@ -176,6 +176,8 @@ def shared_prefix_hidden(model: torch.nn.Module, prompts: Sequence[torch.Tensor]
     ids, lengths = continuations_tensor(continuations, lengths, len(p.lens_list),
                                         model.model.embed_tokens.weight.shape[0], p.embeds.device)
     B, G, T = ids.shape
+    for b, prompt_len in enumerate(p.lens_list):
+        check_context(model, prompt_len, T, f"rollout: prompt {b}")
     prompt_hidden, prefix = prefill(model, p)
     sample_prompt = torch.arange(B, device=ids.device).repeat_interleave(G)
     positions = p.lens[sample_prompt][:, None] + torch.arange(T, device=ids.device)
@@ -320,7 +322,8 @@ class RolloutEngine:
         vocab = self.model.model.embed_tokens.weight.shape[0]
         if any(t >= vocab for t in sampling.stop_ids):
             raise ConfigError(f"rollout: sampling.stop_ids must be < the vocabulary size {vocab}")
-        p = embed_prompts(self.model, prompts, max_prompt_len=self.max_prompt_len)
+        p = embed_prompts(self.model, prompts, max_prompt_len=self.max_prompt_len,
+                          new_tokens=sampling.max_new_tokens)
         B = len(p.lens_list)
         if seeds is None:
             seeds = torch.randint(0, 2**62, (B,)).tolist()

@@ -30,6 +30,18 @@ def check_model(model: torch.nn.Module) -> None:
         )
 
 
+def check_context(model: torch.nn.Module, prompt_len: int, new_tokens: int, what: str) -> None:
+    """ConfigError (naming ``what``) when ``prompt_len + new_tokens`` positions pass the
+    model's context, ``config.max_position_embeddings``."""
+    context = model.config.max_position_embeddings
+    if prompt_len + new_tokens > context:
+        more = f" and {new_tokens} new tokens" if new_tokens else ""
+        raise ConfigError(
+            f"{what} has {prompt_len} tokens{more}, past the model's context of {context} "
+            "positions (max_position_embeddings); shorten the prompt"
+            + (" or ask for fewer new tokens" if new_tokens else ""))
+
+
 @dataclass
 class Prompts:
     """A batch of prompts as right-padded embeddings ``[B, P, hidden]`` and lengths ``[B]``."""
@@ -40,9 +52,13 @@ class Prompts:
 
 
 def embed_prompts(model: torch.nn.Module, prompts: Sequence[torch.Tensor], *,
-                  max_prompt_len: int | None = None) -> Prompts:
+                  max_prompt_len: int | None = None, new_tokens: int = 0) -> Prompts:
     """Each prompt is token ids ``[P]`` (int) or input embeddings ``[P, hidden]`` (float, e.g.
-    speech frames spliced into a chat template). Embeddings keep their autograd graph."""
+    speech frames spliced into a chat template). Embeddings keep their autograd graph.
+
+    A prompt that, with ``new_tokens`` more positions, does not fit the model's context
+    (``max_position_embeddings``) is refused before anything is computed: attention over it
+    would cost memory quadratic in its length for positions the model never learnt."""
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or not prompts:
         raise TypeError(
             "rollout: prompts must be a non-empty list of tensors (token ids [P] or embeddings "
@@ -74,6 +90,7 @@ def embed_prompts(model: torch.nn.Module, prompts: Sequence[torch.Tensor], *,
         if prompt.shape[0] == 0:
             raise ValueError(f"rollout: prompt {i} is empty; every prompt needs at least one "
                              "token (e.g. the chat template's BOS)")
+        check_context(model, prompt.shape[0], new_tokens, f"rollout: prompt {i}")
         if max_prompt_len is not None and prompt.shape[0] > max_prompt_len:
             raise ConfigError(
                 f"rollout: prompt {i} has {prompt.shape[0]} tokens but the cache holds "

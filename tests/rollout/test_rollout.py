@@ -395,6 +395,30 @@ def test_bad_inputs_give_clear_errors():
         assert not isinstance(raised.value, RbaError), words
 
 
+def test_a_prompt_past_the_context_is_refused_before_any_forward(monkeypatch):
+    from rba_core.rollout import generate
+
+    model = tiny_model()
+    model.config.max_position_embeddings = 64
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model ran on a prompt it cannot take")
+
+    monkeypatch.setattr(model, "forward", no_forward)
+    sampling = SamplingConfig(max_new_tokens=8)
+    with pytest.raises(ConfigError, match="prompt 0 has 20001 tokens and 8 new tokens, past the "
+                                          "model's context of 64 positions"):
+        generate(model, [torch.randint(0, VOCAB, (20001,))], sampling)
+    # The new tokens count too: 60 + 8 positions do not fit 64.
+    engine = RolloutEngine(model, max_prompt_len=128, max_new_tokens=8)
+    with pytest.raises(ConfigError, match="prompt 1 has 60 tokens and 8 new"):
+        engine.generate([torch.arange(4), torch.arange(60)], 2, sampling)
+    with pytest.raises(ConfigError, match="prompt 0 has 60 tokens and 8 new"):
+        engine.score([torch.arange(60)], torch.zeros(1, 2, 8, dtype=torch.long))
+    with pytest.raises(ConfigError, match="prompt 0 has 60 tokens and 8 new"):
+        shared_prefix_logprobs(model, [torch.arange(60)], torch.zeros(1, 2, 8, dtype=torch.long))
+
+
 def test_finished_samples_leave_the_decode_batch(monkeypatch):
     from rba_core.rollout.cache import CascadeAttention
 
