@@ -17,6 +17,11 @@ class AudioError(RbaError):
     """An audio file cannot be read or is not usable as speech input."""
 
 
+class AudioTooLong(AudioError):
+    """An audio file is longer than its consumer takes (known from its header, before it is
+    decoded)."""
+
+
 class TokenizerError(RbaError):
     """Tokenizer files are missing or incompatible (for example a teacher with another vocabulary)."""
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,6 +130,19 @@ def random_wave(seconds: float, rng: np.random.Generator) -> np.ndarray:
     t = np.arange(int(seconds * 16000)) / 16000
     tone = np.sin(2 * np.pi * rng.uniform(150, 900) * t) * rng.uniform(0.2, 0.6)
     return (tone + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def write_long_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    """A 16-bit mono WAV of ``seconds`` of silence written as a sparse file: hours of audio
+    for a header and a truncate, taking no disk space and no time."""
+    data = int(seconds * rate) * 2
+    header = (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt "
+              + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+              + b"data" + struct.pack("<I", data))
+    with open(path, "wb") as handle:
+        handle.write(header)
+        handle.truncate(len(header) + data)
+    return path
 
 
 ROWS = [
@@ -306,3 +320,33 @@ def reference_generate(model, prompts, *, max_new_tokens: int, stop_ids=(),
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_ids, step_mask = ids, mask
     return out
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240) -> None:
+    """``torchrun --standalone --nproc_per_node=NPROC SCRIPT ARGS`` on the CPU (gloo), one
+    thread per rank, with tests/ on the workers' path (for helpers); fails showing the
+    workers' output when any rank does."""
+    import os
+    import subprocess
+    import sys
+
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir,
+                                                        os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", script, *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def uninterrupted_run(config: TrainerConfig):
+    """The task of ``config`` built after seeding 0 (as ``killed_then_resumed`` builds its
+    first one) and trained to the end: (task, its trainable weights at the start, result)."""
+    from rba_core.tasks import build_task
+    from rba_core.train import Trainer
+
+    torch.manual_seed(0)
+    task = build_task(config, torch.device("cpu"))
+    start = adapter_weights(task)
+    return task, start, Trainer(config, task).train()

@@ -101,12 +101,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _requests(args: argparse.Namespace) -> tuple[list[dict], list]:
     """The chat rows (instruction = transcript, task prompt) and 16 kHz waves to answer."""
-    from rba_core.data.audio import load_audio
+    from rba_core.data.audio import load_speech
     from rba_core.errors import ConfigError
 
     if args.data is None:
         return ([{"instruction": args.transcript or "", "prompt": args.prompt}],
-                [load_audio(args.audio)])
+                [load_speech(args.audio)])
     from rba_core.synth import read_manifest
 
     if args.limit < 1:
@@ -120,4 +120,4 @@ def _requests(args: argparse.Namespace) -> tuple[list[dict], list]:
         raise ConfigError(f"--data {root}: no rows in split {args.split!r}; pick the other "
                           "--split or synthesize with --heldout-fraction")
     rows = rows[: args.limit]
-    return rows, [load_audio(root / row["audio"]) for row in rows]
+    return rows, [load_speech(root / row["audio"]) for row in rows]

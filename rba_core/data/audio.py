@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rba_core.errors import AudioError, ConfigError
+from rba_core.errors import AudioError, AudioTooLong, ConfigError
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -25,21 +26,30 @@ HOP_LENGTH = 160
 CHUNK_SECONDS = 30
 N_SAMPLES_30S = CHUNK_SECONDS * SAMPLE_RATE
 N_FRAMES_30S = N_SAMPLES_30S // HOP_LENGTH
+# The centred STFT reflects N_FFT // 2 samples at each end, so one frame needs one more.
+MIN_SAMPLES = N_FFT // 2 + 1
 
 _CONVERT_HINT = "convert it to WAV, FLAC or OGG, e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`"
 
 
-def load_audio(path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE,
+               max_seconds: float | None = None) -> np.ndarray:
     """The file's samples as float32 mono at ``sample_rate``.
 
     Any format libsndfile reads works (WAV, FLAC, OGG/Vorbis, ...). Channels are averaged;
-    other sample rates are resampled with soxr at high quality.
+    other sample rates are resampled with soxr at high quality. A file longer than
+    ``max_seconds`` raises AudioTooLong from its header alone, before any decoding (a 2-hour
+    file would take seconds and gigabytes to decode). A file holding fewer samples than its
+    header declares (a WAV copy or download cut short) is refused, not read as a shorter clip
+    (libsndfile already refuses a cut FLAC).
     """
     import soundfile
     import soxr
 
     if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate <= 0:
         raise ConfigError(f"load_audio: sample_rate must be a positive int, got {sample_rate!r}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ConfigError(f"load_audio: max_seconds must be > 0 or None, got {max_seconds!r}")
     file = Path(path)
     if not file.exists():
         raise AudioError(f"{file}: audio file does not exist; check the path")
@@ -48,9 +58,13 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE) -> np
     if file.stat().st_size == 0:
         raise AudioError(f"{file}: audio file is empty (0 bytes); re-export or re-record it")
     try:
+        # soundfile raises LibsndfileError (a RuntimeError) for bytes it cannot parse.
+        info = soundfile.info(str(file))
+        if max_seconds is not None and info.frames / info.samplerate > max_seconds:
+            raise _too_long(file, info.frames / info.samplerate, max_seconds)
+        _check_wav_complete(file)
         data, file_rate = soundfile.read(str(file), dtype="float32", always_2d=True)
     except (RuntimeError, OSError, TypeError, ValueError) as error:
-        # soundfile raises LibsndfileError (a RuntimeError) for bytes it cannot parse.
         raise AudioError(f"{file}: cannot be read as audio ({error}); {_CONVERT_HINT}") from error
     if data.shape[0] == 0:
         raise AudioError(f"{file}: audio file holds no samples; re-export or re-record it")
@@ -59,7 +73,72 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE) -> np
         raise AudioError(f"{file}: audio holds NaN or infinite samples; re-export it")
     if file_rate != sample_rate:
         mono = soxr.resample(mono, file_rate, sample_rate, quality="HQ")
+    if max_seconds is not None and mono.shape[0] > max_seconds * sample_rate:
+        # A format whose header does not state its length is caught after decoding.
+        raise _too_long(file, mono.shape[0] / sample_rate, max_seconds)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _too_long(file: Path, seconds: float, max_seconds: float) -> AudioTooLong:
+    return AudioTooLong(f"{file}: {seconds:.1f} s long; at most {max_seconds:g} s is taken; "
+                        f"cut it, e.g. `ffmpeg -i IN -t {max_seconds:g} OUT.wav`")
+
+
+# A hostile file could hold millions of tiny chunks before its data; real WAVs have a handful.
+_MAX_WAV_CHUNKS = 64
+
+
+def _check_wav_complete(file: Path) -> None:
+    """Refuse a RIFF WAVE file whose data chunk declares more bytes than the file holds.
+    libsndfile reads such a file as the shorter clip it holds without a word, so its header is
+    read here. Sizes of 0 and 0xFFFFFFFF are what streaming writers leave when they cannot seek
+    back to fill them in: those mean "unknown", not truncated."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        offset, block_align, rate = 12, 0, 0
+        for _ in range(_MAX_WAV_CHUNKS):
+            handle.seek(offset)
+            chunk = handle.read(8)
+            if len(chunk) < 8:
+                return
+            name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"fmt ":
+                fmt = handle.read(16)
+                if len(fmt) == 16:
+                    rate, block_align = struct.unpack("<I", fmt[4:8])[0], struct.unpack(
+                        "<H", fmt[12:14])[0]
+            elif name == b"data":
+                present = size - offset - 8
+                if length in (0, 0xFFFFFFFF) or length <= present:
+                    return
+                if block_align and rate:
+                    amount = (f"{length / block_align / rate:.2f} s of audio but holds "
+                              f"{present / block_align / rate:.2f} s")
+                else:
+                    amount = f"{length} bytes of audio but holds {present}"
+                raise AudioError(f"{file}: truncated: its header declares {amount} (a copy or "
+                                 "download cut short?); re-export or copy it again")
+            offset += 8 + length + (length & 1)
+
+
+def load_speech(path: str | os.PathLike, *, max_seconds: float = CHUNK_SECONDS) -> np.ndarray:
+    """A spoken clip as the SpeechLM takes it: ``load_audio`` at 16 kHz, refusing a file longer
+    than ``max_seconds`` (at most Whisper's 30 s window; AudioTooLong, from its header before
+    decoding) or too short to make one feature frame (AudioError); both name the file and the
+    fix."""
+    if not 0 < max_seconds <= CHUNK_SECONDS:
+        raise ConfigError(f"load_speech: max_seconds must be in (0, {CHUNK_SECONDS}] (Whisper's "
+                          f"window), got {max_seconds!r}")
+    wave = load_audio(path, sample_rate=SAMPLE_RATE, max_seconds=max_seconds)
+    if wave.shape[0] < MIN_SAMPLES:
+        raise AudioError(f"{path}: only {wave.shape[0]} samples at {SAMPLE_RATE} Hz "
+                         f"({wave.shape[0] / SAMPLE_RATE * 1000:.1f} ms); a clip needs at least "
+                         f"{MIN_SAMPLES} ({MIN_SAMPLES / SAMPLE_RATE * 1000:.1f} ms) to make one "
+                         "feature frame; record or export a longer one")
+    return wave
 
 
 def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from helpers import ROWS, write_dataset, write_tiny_encoder, write_tiny_llm
+from helpers import ROWS, write_dataset, write_long_wav, write_tiny_encoder, write_tiny_llm
 from rba_core.errors import ConfigError
 from rba_core.models.speechlm import SpeechLM
 
@@ -57,6 +58,23 @@ def test_chat_rejects_bad_input_before_loading_models(tmp_path, capsys):
     with pytest.raises(ConfigError, match="max-new-tokens"):
         _run_command("rba_core.commands.chat", ["chat", "--audio", "x.wav",
                                                 "--max-new-tokens", "0"], capsys)
+
+
+def test_chat_refuses_a_two_hour_file_in_one_line_before_loading_models(tmp_path, capsys,
+                                                                       monkeypatch):
+    from rba_core.cli import main
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded for audio that cannot be used")
+
+    monkeypatch.setattr(SpeechLM, "from_pretrained", no_models)
+    long = write_long_wav(tmp_path / "lecture.wav", 2 * 3600)
+    start = time.perf_counter()
+    assert main(["chat", "--audio", str(long)]) == 2
+    assert time.perf_counter() - start < 2.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "lecture.wav: 7200.0 s long; at most 30 s" in err
 
 
 def test_chat_answers_dataset_clips_beside_the_teacher(tmp_path, capsys):

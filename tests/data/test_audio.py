@@ -1,13 +1,18 @@
 """Audio front end: file reading and resampling, and log-mel parity with transformers'
 WhisperFeatureExtractor (an independent reference)."""
+import struct
+import time
+import tracemalloc
+
 import numpy as np
 import pytest
 import soundfile
 import torch
 
+from helpers import write_long_wav
 from rba_core.data.audio import (HOP_LENGTH, N_FRAMES_30S, batch_features, load_audio,
-                            log_mel_spectrogram, mel_filterbank)
-from rba_core.errors import AudioError
+                                 load_speech, log_mel_spectrogram, mel_filterbank)
+from rba_core.errors import AudioError, AudioTooLong
 
 
 def speech_like(rng: np.random.Generator, n_samples: int, rate: int = 16000) -> np.ndarray:
@@ -139,6 +144,50 @@ def test_load_audio_bad_files_name_the_file(tmp_path):
         load_audio(no_samples)
     with pytest.raises(AudioError, match="is not a file"):
         load_audio(tmp_path)
+
+
+def test_a_two_hour_file_is_refused_from_its_header(tmp_path):
+    long = write_long_wav(tmp_path / "lecture.wav", 2 * 3600)
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(AudioTooLong, match=r"lecture.wav: 7200.0 s long; at most 30 s.*ffmpeg"):
+            load_speech(long)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Decoding it would take seconds and 460 MB of float32 samples (numpy's buffers are traced).
+    assert elapsed < 1.0 and peak < 4 * 2**20
+    with pytest.raises(AudioTooLong, match="at most 60 s"):
+        load_audio(long, max_seconds=60)
+    # Without a bound it is only a long file.
+    short = write_long_wav(tmp_path / "short.wav", 2.0)
+    assert load_speech(short).shape == (32000,)
+
+
+def test_a_wav_cut_short_is_refused_not_read_as_a_shorter_clip(tmp_path):
+    whole = tmp_path / "whole.wav"
+    soundfile.write(whole, np.full(16000, 0.1, dtype=np.float32), 16000, subtype="PCM_16")
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: 44 + 16000])
+    with pytest.raises(AudioError, match=r"cut.wav: truncated: its header declares 1.00 s of "
+                                         r"audio but holds 0.50 s.*re-export"):
+        load_audio(cut)
+    # A streaming writer's "size unknown" placeholder is no truncation.
+    streamed = tmp_path / "streamed.wav"
+    streamed.write_bytes(data[:40] + struct.pack("<I", 0xFFFFFFFF) + data[44:])
+    assert load_audio(streamed).shape == (16000,)
+
+
+def test_a_clip_too_short_for_one_frame_names_the_file(tmp_path):
+    blip = tmp_path / "blip.wav"
+    soundfile.write(blip, np.full(100, 0.1, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match=r"blip.wav: only 100 samples.*at least 201") as raised:
+        load_speech(blip)
+    # The fix must be one a user can apply, not an API argument the CLI cannot pass.
+    assert "pad_to_30s" not in str(raised.value)
 
 
 def test_bad_waves_give_clear_errors():

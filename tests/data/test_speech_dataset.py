@@ -3,6 +3,8 @@ collation, deterministic length-bucketed batches, sharding and resume."""
 from __future__ import annotations
 
 import json
+import time
+import tracemalloc
 from collections import Counter
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import soundfile
 import torch
 
-from helpers import ROWS, random_wave, write_dataset, write_tiny_llm
+from helpers import ROWS, random_wave, write_dataset, write_long_wav, write_tiny_llm
 from rba_core.data.audio import batch_features, load_audio
 from rba_core.data.speech import (
     SpeechDataset, collate, length_bucketed_batches, shard_batch,
@@ -74,6 +76,25 @@ def test_bad_rows_are_counted_and_skipped(tmp_path, tokenizer):
     assert [row["id"] for row in heldout.rows] == ["held"]
     everything = SpeechDataset(folder, None, tokenizer)
     assert len(everything) == len(dataset) + 1
+
+
+def test_a_long_file_behind_a_short_duration_is_skipped_before_decoding(tmp_path, tokenizer):
+    folder = write_dataset(tmp_path / "data")
+    template = json.loads((folder / "manifest.jsonl").read_text().splitlines()[0])
+    write_long_wav(folder / "audio" / "lecture.wav", 2 * 3600)
+    _append(folder, {**template, "id": "lecture", "audio": "audio/lecture.wav", "duration": 4.0})
+    dataset = SpeechDataset(folder, "train", tokenizer)
+    index = [row["id"] for row in dataset.rows].index("lecture")
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        assert dataset.load(index) is None
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 4 * 2**20
+    assert dataset.skipped == Counter({"too_long": 1})
 
 
 def test_dataset_errors(tmp_path, tokenizer):
