@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import gc
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -30,6 +32,9 @@ from rba_core.rollout import SamplingConfig
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 RESULTS_PNG = "results.png"
+# One file per finished system: a rerun with the same settings reuses it instead of answering
+# again (a long run on a shared CPU that dies in its third system keeps the first two).
+SYSTEMS_DIR = "systems"
 
 
 @dataclass
@@ -94,19 +99,30 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     records: dict[str, list[dict[str, Any]]] = {}
     systems: dict[str, dict[str, Any]] = {}
     for spec in config.systems:
-        start = time.perf_counter()
-        if spec.teacher:
-            system = TeacherText(spec.name, teacher, tokenizer)
+        signature = _signature(config, spec, items, context.sampling)
+        saved = _saved(config.out, spec.name, signature)
+        if saved is not None:
+            records[spec.name], seconds = saved["records"], saved["seconds"]
+            _log(f"{spec.name}: reusing its answers from an earlier run with the same settings")
         else:
-            system = load_speech_system(spec.name, config.paths, spec.adapter, seed=config.seed)
-        records[spec.name] = suite.evaluate(system, items, context)
-        system.close()
-        gc.collect()
-        seconds = time.perf_counter() - start
-        systems[spec.name] = {"kind": system.kind,
+            start = time.perf_counter()
+            if spec.teacher:
+                system = TeacherText(spec.name, teacher, tokenizer)
+            else:
+                system = load_speech_system(spec.name, config.paths, spec.adapter,
+                                            seed=config.seed)
+            records[spec.name] = suite.evaluate(system, items, context)
+            system.close()
+            gc.collect()
+            seconds = round(time.perf_counter() - start, 1)
+            _log(f"{spec.name}: {len(items)} items in {seconds:.0f} s")
+            if config.out is not None:
+                report.write_json(_system_file(config.out, spec.name),
+                                  {"signature": signature, "records": records[spec.name],
+                                   "seconds": seconds})
+        systems[spec.name] = {"kind": "teacher" if spec.teacher else "speechlm",
                               "adapter": str(spec.adapter) if spec.adapter else None,
-                              "seconds": round(seconds, 1)}
-        _log(f"{spec.name}: {len(items)} items in {seconds:.0f} s")
+                              "seconds": seconds}
 
     groups = sorted({item.group for item in items})
     for name, rows in records.items():
@@ -135,6 +151,40 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if config.out is not None:
         write_results(Path(config.out), results, suite.metrics)
     return results
+
+
+def _system_file(out: Path, name: str) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return Path(out) / SYSTEMS_DIR / f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.json"
+
+
+def _signature(config: EvalConfig, spec: SystemSpec, items: list[Any],
+               sampling: SamplingConfig) -> str:
+    """What a system's answers depend on: the items, the decode settings, the models and the
+    adapter's weights (by size and modification time)."""
+    weights = []
+    for folder in (spec.adapter, config.paths.llm, config.paths.encoder, config.paths.teacher):
+        if folder is not None:
+            for file in sorted(Path(folder).glob("*.safetensors")):
+                stat = file.stat()
+                weights.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
+    blob = json.dumps({"suite": config.suite, "spec": asdict(spec), "sampling": asdict(sampling),
+                       "seed": config.seed, "batch_size": config.batch_size,
+                       "dtype": str(config.paths.dtype), "weights": weights,
+                       "items": [[i.id, i.text, i.prompt, str(i.audio)] for i in items]},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _saved(out: Path | None, name: str, signature: str) -> dict[str, Any] | None:
+    if out is None:
+        return None
+    path = _system_file(out, name)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("signature") == signature else None
 
 
 def _dicts(summary: dict[str, Any]) -> dict[str, dict[str, float]]:

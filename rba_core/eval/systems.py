@@ -53,7 +53,6 @@ class System:
     stop id when it stopped)."""
 
     name: str
-    kind: str
 
     def answer_ids(self, items: Sequence[Item], sampling: "SamplingConfig", *,
                    prompt: str | None = None, batch_size: int = 8, seed: int = 0,
@@ -66,8 +65,6 @@ class System:
 
 class TeacherText(System):
     """The teacher LLM reading each item's text (with LoRA off when it carries one)."""
-
-    kind = "teacher"
 
     def __init__(self, name: str, teacher: "LlamaForCausalLM", tokenizer: "Tokenizer") -> None:
         self.name = name
@@ -98,8 +95,6 @@ class TeacherText(System):
 class SpeechSystem(System):
     """The SpeechLM hearing each item's audio; ``adapter`` None is a fresh adapter drawn from
     the seed (the untrained line)."""
-
-    kind = "speechlm"
 
     def __init__(self, name: str, speechlm: "SpeechLM", adapter: Path | None) -> None:
         self.name = name

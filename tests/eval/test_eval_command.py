@@ -68,6 +68,15 @@ def test_synth_suite_end_to_end(folders, capsys):
             assert {"answer", "repeat_answer", "scores"} <= set(record)
             assert {"teacher_gap", "chrf", "bleu", "repeat_wer"} <= set(record["scores"])
 
+    # A rerun with the same settings reuses every system's answers; other settings do not.
+    assert _eval(folders, "--suite", "synth", "--data", str(folders["data"]), "--teacher-text",
+                 "--untrained", "--adapter", f"tiny={folders['adapter']}", "--out", str(out)) == 0
+    assert capsys.readouterr().err.count("reusing its answers") == 3
+    assert json.loads((out / "results.json").read_text())["per_item"] == results["per_item"]
+    assert _eval(folders, "--suite", "synth", "--data", str(folders["data"]), "--untrained",
+                 "--seed", "1", "--out", str(out)) == 0
+    assert "reusing" not in capsys.readouterr().err
+
     # The SpeechLM line is what the RL step's held-out check computes for the same adapter.
     from rba_core.models.speechlm import SpeechLM
 
