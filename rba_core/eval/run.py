@@ -1,8 +1,11 @@
 """One ``rba eval`` run: every system answers the same items of one suite, then the summaries,
 the paired differences and the files (``results.json``, ``results.md``, ``results.png``).
 
-    results = run_eval(EvalConfig(suite="nq", systems=[SystemSpec("teacher (text)", None,
-                       teacher=True), SystemSpec("default", DEFAULT_ADAPTER_DIR)], ...))
+    results = run_eval(EvalConfig(
+        suite="nq", systems=[SystemSpec("teacher (text)", teacher=True), SystemSpec("untrained"),
+                             SystemSpec("default", adapter=DEFAULT_ADAPTER_DIR)],
+        paths=ModelPaths(encoder_dir, llm_dir), sampling=SamplingConfig(max_new_tokens=32),
+        options=SuiteOptions(limit=100), out=Path("eval-nq")))
 """
 from __future__ import annotations
 
