@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -194,9 +196,52 @@ def _generation_tag_extension() -> type:
     return GenerationTag
 
 
+# A checkpoint's chat template is code from whoever made the folder. The sandbox keeps it
+# from touching anything but its arguments; these keep it from running or growing without end.
+# Real templates render in well under a millisecond and produce the prompt, so both are far
+# beyond any legitimate use.
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_MAX_CHARS = 16_000_000
+# Integers a template raises to powers stay this small (a huge ``**`` runs in C, uninterruptible).
+_MAX_POWER_BITS = 4096
+
+
+class _OverBound(BaseException):
+    """A rendering went past a bound. A BaseException, so that no ``except Exception`` inside
+    jinja's runtime can swallow it (after raising, the trace function is unset, so a swallowed
+    one would let the loop run on unchecked)."""
+
+
+def _sandbox_class() -> type:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox ``transformers`` renders templates in, plus size checks on the operators
+        that build a huge value in one C call, where no time limit can interrupt them: string
+        and list repetition (``'x' * n``) and powers."""
+
+        intercepted_binops = frozenset({"*", "**"})
+        max_chars = TEMPLATE_MAX_CHARS
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for sequence, count in ((left, right), (right, left)):
+                    if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) \
+                            and len(sequence) * count > self.max_chars:
+                        raise _OverBound(f"repeats a value {count} times, past the "
+                                         f"{self.max_chars}-character bound")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and right > 0 and abs(left) > 1 \
+                    and right * abs(left).bit_length() > _MAX_POWER_BITS:
+                raise _OverBound(f"computes {left} ** {right}, a number too large for any "
+                                 "prompt")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
+
+
 def _compile_template(source: str) -> Any:
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise TokenizerError(f"the chat template refused the messages: {message}")
@@ -211,7 +256,7 @@ def _compile_template(source: str) -> Any:
     def strftime_now(format: str) -> str:
         return datetime.now().strftime(format)
 
-    env = ImmutableSandboxedEnvironment(
+    env = _sandbox_class()(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[jinja2.ext.loopcontrols, _generation_tag_extension()],
@@ -222,8 +267,51 @@ def _compile_template(source: str) -> Any:
     return env.from_string(source)
 
 
+def _render_bounded(template: Any, variables: dict[str, Any], *, seconds: float,
+                    max_chars: int) -> str:
+    """``template`` rendered with ``variables``, stopped (``_OverBound``) once it has run
+    ``seconds`` or produced ``max_chars`` characters.
+
+    The time limit is a trace function on this thread for the rendering's duration: the
+    template's compiled code and jinja's runtime are Python, so every line they run checks the
+    clock, including loops that output nothing. Any tracer already set (a debugger, coverage) is
+    put back afterwards."""
+    deadline = time.monotonic() + seconds
+
+    def check(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _OverBound(f"ran past {seconds:g} s without finishing (a loop that does not "
+                             "end?)")
+        return check
+
+    template.environment.max_chars = max_chars
+    pieces: list[str] = []
+    produced = 0
+    previous = sys.gettrace()
+    stream = template.generate(**variables)
+    sys.settrace(check)
+    try:
+        for piece in stream:
+            produced += len(piece)
+            if produced > max_chars:
+                raise _OverBound(f"produced more than {max_chars} characters without finishing "
+                                 "(a loop that does not end?)")
+            pieces.append(piece)
+    finally:
+        sys.settrace(previous)
+        stream.close()
+    return "".join(pieces)
+
+
 class Tokenizer:
-    """A checkpoint's tokenizer: encode/decode, special tokens, stop ids and chat template."""
+    """A checkpoint's tokenizer: encode/decode, special tokens, stop ids and chat template.
+
+    ``template_seconds`` and ``template_max_chars`` bound one rendering of the chat template
+    (class defaults ``TEMPLATE_SECONDS`` and ``TEMPLATE_MAX_CHARS``; set them on an instance
+    to change its own)."""
+
+    template_seconds: float = TEMPLATE_SECONDS
+    template_max_chars: int = TEMPLATE_MAX_CHARS
 
     def __init__(
         self,
@@ -349,9 +437,23 @@ class Tokenizer:
                 ) from error
         variables = dict(self.special_tokens)
         variables.update(template_kwargs)
-        return self._compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables
-        )
+        variables.update(messages=messages, add_generation_prompt=add_generation_prompt)
+        fix = "fix or replace 'chat_template' in tokenizer_config.json (or chat_template.jinja)"
+        try:
+            return _render_bounded(self._compiled, variables, seconds=self.template_seconds,
+                                   max_chars=self.template_max_chars)
+        except TokenizerError:
+            raise  # the template's own raise_exception: it refuses these messages
+        except _OverBound as error:
+            raise TokenizerError(f"the chat template of {self.folder} {error}; {fix}") from None
+        except Exception as error:  # noqa: BLE001 - the template is the folder's code, not ours
+            from jinja2.exceptions import SecurityError
+
+            what = "was refused by the sandbox" if isinstance(error, SecurityError) else \
+                f"failed ({type(error).__name__})"
+            raise TokenizerError(f"the chat template of {self.folder} {what}: {error}; a chat "
+                                 f"template may only read its arguments and format text: {fix}"
+                                 ) from error
 
     def same_vocabulary(self, other: "Tokenizer") -> bool:
         """True when both map every token to the same id (a teacher can score a student's ids)."""

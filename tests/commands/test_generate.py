@@ -1,5 +1,5 @@
-"""`rba generate`: a prompt the model cannot take is refused in one line before any weights
-load."""
+"""`rba generate`: a prompt the model cannot take, or a chat template the sandbox refuses, is
+one line before any weights load."""
 from __future__ import annotations
 
 import json
@@ -37,3 +37,15 @@ def test_a_prompt_past_the_context_is_one_line_before_the_model_loads(tmp_path, 
     assert "--prompt is 20006 tokens in the chat template; with --max-new-tokens 64 that " \
            "passes the model's context of 8192 tokens" in err
     assert "shorten --prompt or lower --max-new-tokens" in err
+
+
+def test_a_template_the_sandbox_refuses_is_one_line(tmp_path, capsys):
+    folder = write_tiny_llm(tmp_path / "llm")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["chat_template"] = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"the chat template of {folder} was refused by the sandbox" in err
+    assert "tokenizer_config.json" in err

@@ -130,14 +130,57 @@ def test_template_globals_and_filters_like_transformers(tmp_path):
 
 
 def test_template_is_sandboxed(tmp_path):
-    folder = _write_folder(tmp_path, "{{ messages.append({'role': 'x'}) }}")
     from jinja2.exceptions import SecurityError
 
-    with pytest.raises(SecurityError):
-        Tokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": "a"}])
-    folder = _write_folder(tmp_path, "{{ messages.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(SecurityError):
-        Tokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": "a"}])
+    for template in ("{{ messages.append({'role': 'x'}) }}",
+                     "{{ messages.__class__.__mro__[1].__subclasses__() }}"):
+        folder = _write_folder(tmp_path, template)
+        # A user error (the folder's template), named with the fix: one line at the CLI.
+        with pytest.raises(TokenizerError, match="was refused by the sandbox.*tokenizer_config"
+                           ) as raised:
+            Tokenizer.from_pretrained(folder).apply_chat_template(
+                [{"role": "user", "content": "a"}])
+        assert isinstance(raised.value.__cause__, SecurityError)
+
+
+@pytest.mark.parametrize("template, bound", [
+    # Loops that output nothing: only the clock stops them.
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "ran past 0.5 s"),
+    ("{% set big %}{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}"
+     "{% endfor %}{% endset %}{{ big }}", "ran past 0.5 s"),
+    # Output faster than any clock: the size bound.
+    ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",
+     "produced more than 1000000 characters"),
+    # One C call building a huge value, which nothing could interrupt: refused before it runs.
+    ("{{ 'x' * 10000000000 }}", "repeats a value 10000000000 times"),
+    ("{{ 10 ** 1000000000 }}", "computes 10 \\*\\* 1000000000"),
+])
+def test_a_runaway_template_is_stopped_within_its_bound(tmp_path, template, bound):
+    import sys
+    import time
+    import tracemalloc
+
+    tokenizer = Tokenizer.from_pretrained(_write_folder(tmp_path, template))
+    tokenizer.template_seconds = 0.5
+    tokenizer.template_max_chars = 1_000_000
+    tracer = sys.gettrace()
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(TokenizerError, match=f"chat template of .* {bound}.*chat_template"):
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 0.5 + 1.0 and peak < 16 * 2**20
+    # The rendering's trace function is gone and whatever was there before is back.
+    assert sys.gettrace() is tracer
+    # The defaults bound every tokenizer, and an ordinary template renders unhindered.
+    assert Tokenizer.template_seconds == 2.0 and Tokenizer.template_max_chars == 16_000_000
+    ok = Tokenizer.from_pretrained(_write_folder(tmp_path, "{{ messages[0].content * 3 }}"))
+    assert ok.apply_chat_template([{"role": "user", "content": "ab"}]) == "ababab"
 
 
 def test_chat_template_jinja_file(tmp_path):
