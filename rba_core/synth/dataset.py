@@ -5,12 +5,18 @@ is fsynced and renamed into place, then the manifest line is appended, flushed a
 a kill at any moment leaves at worst (a) an audio file no line lists, (b) a torn last line. On
 opening, (b) is cut off and (a) deleted, and the row is made again under the same id. Rows are
 never listed twice: the writer refuses an id it already holds.
+
+Only what a writer itself could have left is deleted: temporaries (``rba_core.files``' names)
+and clips named as it names them (``audio/SHARD/TASK-sSEED-CANDIDATE.flac``). Any other file
+under ``audio/`` is someone else's: it is left in place and reported.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,10 @@ REQUIRED_FIELDS = ("id", "task", "instruction", "prompt", "response", "audio", "
                    "response_truncated")
 TASKS = ("instruct", "qa", "translate", "read")
 SPLITS = ("train", "heldout")
+# The path ``audio_path`` gives a row's clip (row ids are ``TASK-sSEED-CANDIDATE``).
+_OWN_CLIP = re.compile(rf"^{AUDIO_DIR}/\d{{5,}}/(?:{'|'.join(TASKS)})-s-?\d+-\d{{7,}}\.flac$")
+
+log = logging.getLogger("rba.synth")
 
 
 def validate_row(row: Any, where: str) -> None:
@@ -118,6 +128,8 @@ class DatasetWriter:
         self.rows: list[dict[str, Any]] = []
         self.ids: set[str] = set()
         self.repaired: dict[str, int] = {"torn_lines": 0, "orphan_files": 0}
+        # Unlisted files under audio/ that this writer did not name: kept, and reported.
+        self.foreign_files: list[str] = []
         self._manifest: Any = None
         self._held = contextlib.ExitStack()
 
@@ -153,13 +165,32 @@ class DatasetWriter:
         audio_root = self.folder / AUDIO_DIR
         if audio_root.is_dir():
             for file in sorted(audio_root.rglob("*")):
-                if not file.is_file():
+                if not file.is_file() and not file.is_symlink():
                     continue
                 relative = file.relative_to(self.folder).as_posix()
-                if relative not in listed:
+                if relative in listed:
+                    continue
+                # The writer makes regular files only: a link is never its own.
+                if file.is_symlink():
+                    self.foreign_files.append(relative)
+                elif is_temp_name(file.name):
                     file.unlink()
-                    if not is_temp_name(file.name):
-                        self.repaired["orphan_files"] += 1
+                elif _OWN_CLIP.match(relative):
+                    file.unlink()
+                    self.repaired["orphan_files"] += 1
+                else:
+                    self.foreign_files.append(relative)
+        if self.repaired["torn_lines"] or self.repaired["orphan_files"]:
+            log.warning("resumed %s: dropped %d torn manifest line(s) and %d unlisted clip(s) "
+                        "of an interrupted run", self.folder, self.repaired["torn_lines"],
+                        self.repaired["orphan_files"])
+        if self.foreign_files:
+            shown = ", ".join(self.foreign_files[:5])
+            more = f" and {len(self.foreign_files) - 5} more" if len(self.foreign_files) > 5 \
+                else ""
+            log.warning("%s: left %d file(s) under %s/ that rba synth did not write (%s%s); "
+                        "they are not part of the dataset", self.folder,
+                        len(self.foreign_files), AUDIO_DIR, shown, more)
 
     def audio_path(self, row_id: str) -> str:
         """Where the next row's audio goes: shard folders of ``shard_size`` rows."""

@@ -99,6 +99,11 @@ class SynthConfig:
 
         integer("num", 1)
         integer("batch_size", 1)
+        if self.batch_size % GROUP_SIZE:
+            rounded = -(-self.batch_size // GROUP_SIZE) * GROUP_SIZE
+            raise ConfigError(f"--batch-size must be a multiple of {GROUP_SIZE} (Magpie "
+                              f"candidates come in groups of {GROUP_SIZE} per seed), got "
+                              f"{self.batch_size}; use {rounded}")
         integer("max_instruction_tokens", 1)
         integer("shard_size", 1)
         integer("tts_workers", 1)
@@ -247,10 +252,6 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
     train_voices, heldout_voices = split_voices(backend.voices(), config.heldout_voices)
     prompt = task.prompt(config.target_language)
     with DatasetWriter(config.out, shard_size=config.shard_size) as writer:
-        if writer.repaired["torn_lines"] or writer.repaired["orphan_files"]:
-            log.warning("resumed %s: dropped %d torn manifest line(s) and %d unlisted audio "
-                        "file(s) from an interrupted run", config.out,
-                        writer.repaired["torn_lines"], writer.repaired["orphan_files"])
         state = writer.load_state()
         task_state = state["tasks"].get(config.task)
         fixed = config.fixed()
@@ -281,7 +282,7 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
             if row["task"] == config.task:
                 index.add(row["instruction"])
         max_candidates = config.max_candidates or 20 * config.num + 64
-        groups_per_batch = max(1, -(-config.batch_size // GROUP_SIZE))
+        groups_per_batch = config.batch_size // GROUP_SIZE
         bar = tqdm(total=config.num, initial=done, disable=not config.progress, unit="row",
                    desc=f"synth {config.task}")
         pool = ThreadPoolExecutor(max_workers=config.tts_workers)

@@ -368,6 +368,39 @@ def test_resume_after_kill_mid_shard_with_torn_line(tmp_path, monkeypatch):
     assert len(rows) == 20 and len({r["id"] for r in rows}) == 20
 
 
+def test_a_rerun_deletes_only_what_synth_wrote(tmp_path, caplog):
+    out = tmp_path / "data"
+    run(make_config(out, num=3))
+    listed = {row["audio"] for row in read_manifest(out)}
+    users = {"audio/notes.txt": b"my notes", "audio/00000/keep.flac": b"fLaC mine",
+             "audio/mine/take1.wav": b"RIFF", "audio/00000/instruct-s0-0000001.flac.bak": b"x"}
+    for name, data in users.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    (out / "audio" / "link.flac").symlink_to(out / "audio" / "notes.txt")
+    # What a killed run of synth itself leaves: a clip no line lists yet, a torn temporary.
+    (out / "audio" / "00000" / "instruct-s0-0009999.flac").write_bytes(b"fLaC")
+    (out / "audio" / "00000" / ".instruct-s0-0000042.flac.1a2b3c4d.tmp").write_bytes(b"fL")
+    with caplog.at_level("WARNING", logger="rba.synth"):
+        run(make_config(out, num=5))
+    for name, data in users.items():
+        assert (out / name).read_bytes() == data, name
+    assert (out / "audio" / "link.flac").is_symlink()
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "audio").rglob("*")
+               if p.is_file() or p.is_symlink()}
+    rows = read_manifest(out)
+    assert len(rows) == 5 and listed < {row["audio"] for row in rows}
+    assert on_disk == {row["audio"] for row in rows} | set(users) | {"audio/link.flac"}
+    warning = next(r.getMessage() for r in caplog.records if "did not write" in r.getMessage())
+    assert "left 5 file(s) under audio/" in warning and "audio/notes.txt" in warning
+    assert any("1 unlisted clip(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_batch_size_off_the_group_size_is_refused_not_rounded(tmp_path):
+    with pytest.raises(ConfigError, match="--batch-size must be a multiple of 8.*got 7; use 8"):
+        run(make_config(tmp_path / "odd", batch_size=7))
+
+
 def test_corrupt_manifest_middle_line_is_refused(tmp_path):
     out = tmp_path / "corrupt"
     run(make_config(out, num=3))
