@@ -43,6 +43,7 @@ from rba_core.rl import (
 )
 from rba_core.rollout import RolloutEngine, SamplingConfig, shared_prefix_hidden
 from rba_core.rollout.engine import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING
+from rba_core.train.config import check_at_least, check_choice, check_finite, invalid
 from rba_core.tasks.speech import (
     EpochBatches, SpeechTaskConfig, fsdp_layers, load_dataset, load_speechlm,
 )
@@ -102,65 +103,42 @@ class RBAConfig:
     eval_rows: int = 8
 
     def validate(self, prefix: str = "rba") -> None:
-        def fail(key: str, allowed: str, value: object) -> None:
-            raise ConfigError(f"{prefix}.{key} must be {allowed}, got {value!r}")
-
-        def choice(key: str, options: tuple[str, ...]) -> None:
-            if getattr(self, key) not in options:
-                fail(key, "one of " + ", ".join(options), getattr(self, key))
-
-        def number(key: str, low: float, high: float = math.inf, *, open_low: bool = False,
-                   meaning: str = "") -> None:
-            value = getattr(self, key)
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                  and math.isfinite(value) and (value > low if open_low else value >= low)
-                  and value <= high)
-            if not ok:
-                bound = f"> {low}" if open_low else f">= {low}"
-                fail(key, f"a number {bound}" + (f" and <= {high}" if high < math.inf else "")
-                     + meaning, value)
-
-        def integer(key: str, low: int, meaning: str = "") -> None:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                fail(key, f"an integer >= {low}{meaning}", value)
-
-        integer("group_size", 1)
-        choice("advantage", ADVANTAGE_KINDS)
-        choice("advantage_scale", ADVANTAGE_SCALES)
-        choice("token_baseline", TOKEN_BASELINES)
-        choice("loss_type", LOSS_TYPES)
-        choice("kl_estimator", KL_ESTIMATORS)
-        number("temperature", 0.0, open_low=True, meaning=" (RL samples: greedy rollouts "
-               "would make every group identical)")
-        number("gamma", 0.0, 1.0)
-        number("eps_low", 0.0, 1.0, meaning=" (the ratio floor is 1 - eps_low)")
-        number("eps_high", 0.0)
-        number("beta", 0.0, meaning=" (0 switches the reference KL off)")
-        number("target_kl", 0.0, meaning=" (0 = a fixed beta; > 0 adapts beta towards it)")
-        number("entropy_coef", 0.0)
-        integer("kl_horizon", 1)
-        integer("inner_epochs", 1)
-        integer("minibatches", 1)
-        integer("eval_every", 0, " (0 = off)")
-        integer("eval_rows", 1)
+        for key in ("group_size", "kl_horizon", "inner_epochs", "minibatches", "eval_rows"):
+            check_at_least(f"{prefix}.{key}", getattr(self, key), 1)
+        check_at_least(f"{prefix}.eval_every", self.eval_every, 0)
+        check_at_least(f"{prefix}.top_k", self.top_k, 0)
+        for key, choices in (("advantage", ADVANTAGE_KINDS), ("loss_type", LOSS_TYPES),
+                             ("advantage_scale", ADVANTAGE_SCALES),
+                             ("token_baseline", TOKEN_BASELINES),
+                             ("kl_estimator", KL_ESTIMATORS)):
+            check_choice(f"{prefix}.{key}", getattr(self, key), choices)
+        check_finite(f"{prefix}.temperature", self.temperature, 0.0, low_open=True,
+                     allowed="a number > 0 (greedy rollouts would make every group identical)")
+        check_finite(f"{prefix}.top_p", self.top_p, 0.0, 1.0, low_open=True,
+                     allowed="a number in (0, 1]")
+        check_finite(f"{prefix}.gamma", self.gamma, 0.0, 1.0, allowed="a number in [0, 1]")
+        check_finite(f"{prefix}.eps_low", self.eps_low, 0.0, 1.0, high_open=True,
+                     allowed="a number in [0, 1) (the ratio floor is 1 - eps_low)")
+        for key, meaning in (("eps_high", "the ratio ceiling is 1 + eps_high"),
+                             ("beta", "0 switches the reference KL off"),
+                             ("target_kl", "0 = a fixed beta; > 0 adapts beta towards it"),
+                             ("entropy_coef", "0 = off")):
+            check_finite(f"{prefix}.{key}", getattr(self, key), 0.0,
+                         allowed=f"a number >= 0 ({meaning})")
         if self.target_kl > 0 and self.beta == 0:
-            fail("beta", "> 0 when rba.target_kl is set (the controller adapts beta from it)",
-                 self.beta)
+            invalid(f"{prefix}.beta", f"> 0 when {prefix}.target_kl is set (the controller "
+                    "adapts beta from it)", self.beta)
         weights = {f.name: getattr(self.rewards, f.name) for f in fields(self.rewards)}
         for name, weight in weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                    or not math.isfinite(weight):
-                fail(f"rewards.{name}", "a finite number (0 = off)", weight)
+            check_finite(f"{prefix}.rewards.{name}", weight, allowed="a finite number (0 = off)")
         if not any(weights.values()):
             raise ConfigError(f"{prefix}.rewards: every weight is 0; switch on at least one "
                               f"reward (e.g. {prefix}.rewards.dense=1.0)")
         sequence_on = any(w for n, w in weights.items() if n != "dense")
-        group_baseline = sequence_on or self.token_baseline == "group"
-        if group_baseline and self.group_size < 2:
-            fail("group_size", ">= 2 with a group baseline (a sequence reward, or "
-                 "rba.token_baseline=group): one sample has no group to compare with",
-                 self.group_size)
+        if (sequence_on or self.token_baseline == "group") and self.group_size < 2:
+            invalid(f"{prefix}.group_size", ">= 2 with a group baseline (a sequence reward, or "
+                    f"{prefix}.token_baseline=group): one sample has no group to compare with",
+                    self.group_size)
         if self.rewards.external and not self.external_reward:
             raise ConfigError(f"{prefix}.rewards.external is on but {prefix}.external_reward "
                               "is not set; name the callable as 'module:function'")

@@ -144,7 +144,7 @@ def test_equal_rewards_give_zero_advantages_and_a_finite_loss(speech):
     experience, stats = step.rollout(prompts, seeds=[5, 6])
     assert torch.equal(experience.advantages, torch.zeros_like(experience.advantages))
     loss, metrics = step.loss(prompts, experience)
-    assert torch.isfinite(loss) and float(loss) == 0.0
+    assert torch.isfinite(loss) and float(loss.detach()) == 0.0
     assert stats.metrics["reward_external:" + config.external_reward] == 0.5
     assert stats.metrics["stopped_share"] + stats.metrics["truncated_share"] == 1.0
 
@@ -259,17 +259,12 @@ RBA_SETTINGS = ["task=rba", "rba.group_size=2", "rba.max_new_tokens=4", "rba.bet
 def test_killed_and_resumed_equals_an_uninterrupted_run(tiny_models, tmp_path):
     """Checkpoint at step 2 falls inside the first rollout's three inner epochs, so the
     resume must reuse the checkpointed experience, reference weights and KL controller."""
-    from helpers import adapter_weights, killed_then_resumed, speech_config
-    from rba_core.tasks import build_task
-    from rba_core.train import Trainer
+    from helpers import adapter_weights, killed_then_resumed, speech_config, uninterrupted_run
     from rba_core.train.metrics import read_metrics
 
     settings = [*RBA_SETTINGS, "run.max_steps=5"]
-    config = speech_config(tiny_models, tmp_path / "whole", *settings)
-    torch.manual_seed(0)
-    whole = build_task(config, torch.device("cpu"))
-    start = adapter_weights(whole)
-    result = Trainer(config, whole).train()
+    whole, start, result = uninterrupted_run(speech_config(tiny_models, tmp_path / "whole",
+                                                           *settings))
     assert result.step == 5 and result.skipped_steps == 0
     records = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     assert {"rollout_s", "scoring_s", "update_s", "reward_dense", "teacher_reverse_kl",

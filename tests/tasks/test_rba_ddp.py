@@ -3,14 +3,12 @@ spoken prompts, takes the same steps as one process on all of them (the dapo los
 over the global active tokens). The test launches this file as the torchrun worker script."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from helpers import ROWS, write_dataset, write_tiny_encoder, write_tiny_llm
+from helpers import ROWS, run_torchrun, write_dataset, write_tiny_encoder, write_tiny_llm
 
 SETTINGS = ["task=rba", "rba.group_size=2", "rba.max_new_tokens=4", "rba.beta=0.05",
             "rba.inner_epochs=2", "run.max_steps=3", "run.max_epochs=0", "run.device=cpu",
@@ -48,14 +46,7 @@ def test_two_ranks_equal_one_process_on_the_combined_prompts(tmp_path):
     write_tiny_encoder(tmp_path / "encoder")
     write_tiny_llm(tmp_path / "llm")
     write_dataset(tmp_path / "data", ROWS * 2)
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir,
-                                                        os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", __file__, str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_torchrun(__file__, str(tmp_path))
     ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
     single = run(tmp_path, tmp_path / "single", batch_size=2)
     torch.manual_seed(0)

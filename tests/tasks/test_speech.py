@@ -10,22 +10,18 @@ import pytest
 import torch
 import yaml
 
-from helpers import CONFIG_DIR, adapter_weights, killed_then_resumed, rba_train, speech_config
+from helpers import (CONFIG_DIR, adapter_weights, killed_then_resumed, rba_train, speech_config,
+                     uninterrupted_run)
 from rba_core.errors import CheckpointError, ConfigError
-from rba_core.train import Trainer, read_metrics
+from rba_core.train import read_metrics
 from rba_core.train import checkpoint as ckpt
 
 
 def test_kd_run_killed_and_resumed_matches_on_a_tiny_speechlm(tiny_models, tmp_path):
-    from rba_core.tasks import build_task
-
     settings = ["task=kd", "kd.kind=jsd", "run.max_steps=5", "run.checkpoint_every=2",
                 "schedule.warmup_steps=1", "model.lora_rank=2"]
-    config = speech_config(tiny_models, tmp_path / "whole", *settings)
-    torch.manual_seed(0)
-    whole = build_task(config, torch.device("cpu"))
-    start = adapter_weights(whole)
-    result = Trainer(config, whole).train()
+    whole, start, result = uninterrupted_run(speech_config(tiny_models, tmp_path / "whole",
+                                                           *settings))
     assert result.step == 5 and result.skipped_steps == 0
     losses = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     assert all(math.isfinite(v) for v in losses) and len(losses) == 5

@@ -8,16 +8,14 @@ The test launches this file as the torchrun worker script.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from helpers import (ROWS, rba_train, tiny_speechlm, write_dataset, write_tiny_encoder,
-                     write_tiny_llm)
+from helpers import (ROWS, rba_train, run_torchrun, tiny_speechlm, write_dataset,
+                     write_tiny_encoder, write_tiny_llm)
 
 SETTINGS = ["run.progress=false", "run.plot=false", "run.max_epochs=0", "run.device=cpu",
             "run.dtype=float32", "schedule.kind=constant", "schedule.warmup_steps=2",
@@ -120,15 +118,7 @@ def worker(out: Path) -> None:
 
 
 def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
-    # The worker runs this file as a script, so tests/ (for helpers) goes on its path.
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir,
-                                                        os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", __file__, str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_torchrun(__file__, str(tmp_path))
     assert json.loads((tmp_path / "world.json").read_text()) == {"world_size": 2}
     results = torch.load(tmp_path / "results.pt", weights_only=True)
 
