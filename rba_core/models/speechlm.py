@@ -144,12 +144,12 @@ class SpeechLM(nn.Module):
         from ``adapter_config`` or the default, or read from the ``adapter`` folder written by
         ``save_trainable``, whose LoRA is applied too)."""
         dtype = torch.float32 if dtype is None else dtype
+        # A folder that is no adapter fails before the models load.
+        saved = read_adapter_config(adapter) if adapter is not None else None
         encoder = WhisperEncoder.from_pretrained(encoder_dir, dtype=dtype, device=device)
         llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_pretrained(llm_dir)
-        saved: dict[str, Any] | None = None
-        if adapter is not None:
-            saved = read_adapter_config(adapter)
+        if saved is not None:
             try:
                 stored = AudioAdapterConfig(**saved["adapter"])
             except (TypeError, ValueError) as error:
@@ -160,6 +160,7 @@ class SpeechLM(nn.Module):
                 raise ConfigError(f"{adapter}: the saved adapter has config {asdict(stored)}, "
                                   f"which differs from adapter_config {asdict(adapter_config)}; "
                                   "drop adapter_config to use the saved one")
+            _check_adapter_fits(adapter, stored, encoder_dir, encoder, llm_dir, llm)
             adapter_config = stored
             if lora is None and saved.get("lora") is not None:
                 lora = LoraConfig.from_dict(saved["lora"])
@@ -453,10 +454,35 @@ class SpeechLM(nn.Module):
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
+def _check_adapter_fits(adapter: str | os.PathLike, config: AudioAdapterConfig,
+                        encoder_dir: str | os.PathLike, encoder: WhisperEncoder,
+                        llm_dir: str | os.PathLike, llm: LlamaForCausalLM) -> None:
+    """An adapter trained between another encoder or LLM cannot run here: say which folder
+    does not match and how to pass the right one."""
+    if config.encoder_dim != encoder.config.d_model:
+        raise ConfigError(f"{adapter}: this adapter was trained on an encoder of width (d_model) "
+                          f"{config.encoder_dim}, but the encoder {encoder_dir} has d_model "
+                          f"{encoder.config.d_model}; pass the encoder it was trained with "
+                          "(--encoder DIR, or model.encoder in a training config)")
+    if config.llm_dim != llm.config.hidden_size:
+        raise ConfigError(f"{adapter}: this adapter feeds an LLM of hidden_size {config.llm_dim}, "
+                          f"but the LLM {llm_dir} has hidden_size {llm.config.hidden_size}; pass "
+                          "the LLM it was trained with (--llm DIR, or model.llm in a training "
+                          "config)")
+
+
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The config.json of a saved SpeechLM adapter folder, checked for its format."""
-    from rba_core.weights.safetensors_io import read_config
+    from rba_core.weights.safetensors_io import CONFIG_NAME, read_config
 
+    root = Path(folder)
+    written_by = (f"an adapter folder holds {CONFIG_NAME} and {ADAPTER_WEIGHTS}, as `rba train` "
+                  "(SpeechLM.save_trainable) writes them")
+    if not root.is_dir():
+        raise CheckpointError(f"adapter folder {root} does not exist; {written_by}")
+    if not (root / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{root}: not an adapter folder, it has no {CONFIG_NAME}; "
+                              f"{written_by}")
     config = read_config(folder)
     if config.get("format") != ADAPTER_FORMAT or not isinstance(config.get("adapter"), dict):
         raise CheckpointError(f"{Path(folder) / 'config.json'}: not a SpeechLM adapter config "

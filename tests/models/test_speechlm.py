@@ -14,6 +14,7 @@ from rba_core.kernels.audio_adapter import AudioAdapterConfig, FusedAudioAdapter
 from rba_core.models.llama import LlamaForCausalLM
 from rba_core.models.lora import LoraConfig, apply_lora, lora_modules
 from rba_core.models.speechlm import SpeechLM
+from rba_core.models.whisper import WhisperConfig, WhisperEncoder
 from rba_core.rollout import SamplingConfig
 from rba_core.weights.safetensors_io import save_pretrained
 
@@ -151,6 +152,29 @@ def test_save_and_load_trainable_with_lora(tmp_path):
         other.load_trainable(tmp_path / "saved")
     with pytest.raises(CheckpointError, match="not a SpeechLM adapter"):
         other.load_trainable(tmp_path / "llm")
+
+    # An adapter folder given with the wrong encoder or LLM, or a folder that is no adapter,
+    # names the folder and the fix in an adapter's terms.
+    wide = tmp_path / "wide-whisper"
+    save_pretrained(wide, {f"model.encoder.{k}": v for k, v in WhisperEncoder(WhisperConfig(
+        d_model=24, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+        num_mel_bins=80, max_source_positions=1500)).state_dict().items()},
+        {"model_type": "whisper", "d_model": 24, "encoder_layers": 1,
+         "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80,
+         "max_source_positions": 1500})
+    with pytest.raises(ConfigError, match=r"saved: this adapter was trained on an encoder of "
+                                          r"width \(d_model\) 16, but the encoder .*wide-whisper "
+                                          r"has d_model 24; pass the encoder.*--encoder"):
+        SpeechLM.from_pretrained(wide, tmp_path / "llm", tmp_path / "saved")
+    (tmp_path / "empty").mkdir()
+    for folder, words in ((tmp_path / "empty", "empty: not an adapter folder, it has no "
+                                               "config.json"),
+                          (tmp_path / "nowhere", "adapter folder .*nowhere does not exist")):
+        with pytest.raises(CheckpointError, match=words) as raised:
+            SpeechLM.from_pretrained(encoder_dir, tmp_path / "llm", folder)
+        assert "adapter.safetensors" in str(raised.value)
+        assert "model.safetensors" not in str(raised.value)
+        assert "Hugging Face" not in str(raised.value)
 
 
 def test_teacher_must_share_the_vocabulary(slm, tmp_path):
