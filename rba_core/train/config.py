@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
@@ -242,6 +243,43 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+@functools.cache
+def _yaml_loader() -> type:
+    """yaml's safe loader, refusing a key written twice in one mapping: plain yaml keeps the
+    last silently, so a setting made twice in a file would look set to the first value."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    # ``<<`` merges another mapping in, where overriding its keys is the point.
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        repeated = key in seen
+                    except TypeError:
+                        continue  # an unhashable key, which yaml itself refuses below
+                    if repeated:
+                        # A plain YAMLError: its message is one line, without yaml's excerpt.
+                        raise yaml.YAMLError(f"{key!r} is set twice in one section (lines "
+                                             f"{seen[key]} and {line}); yaml would keep only "
+                                             "the last, so delete one")
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _load_yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_override(values: dict[str, Any], override: str) -> None:
     """Set ``values[a][b] = yaml(v)`` for one ``a.b=v`` string, creating sections as needed."""
     import yaml
@@ -252,7 +290,7 @@ def apply_override(values: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r} must look like section.field=value "
                           "(for example optim.lr=3e-4)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({error})") from None
     parts = key.split(".")
@@ -291,7 +329,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {file} does not exist; pass a YAML file (see "
                           "rba_core/tasks/configs/ for examples)")
     try:
-        values = yaml.safe_load(file.read_text(encoding="utf-8"))
+        values = _load_yaml(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {file}: not valid YAML ({error})") from None
     if values is None:

@@ -235,6 +235,22 @@ def test_config_structure_errors(tmp_path):
         load_config(nested)
 
 
+def test_a_key_set_twice_in_a_config_file_is_refused(tmp_path):
+    file = tmp_path / "twice.yaml"
+    file.write_text("optim:\n  lr: 1e-3\n  grad_clip: 0.5\n  lr: 3e-4\nrun:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: .*'lr' is set twice in one section "
+                                          r"\(lines 2 and 4\).*delete one") as raised:
+        load_config(file)
+    assert "\n" not in str(raised.value)
+    # A merge key's mapping overridden in place is no repetition.
+    file.write_text("optim:\n  <<: {lr: 1e-3, grad_clip: 0.5}\n  lr: 2e-3\nrun:\n"
+                    "  max_steps: 3\n")
+    config = load_config(file)
+    assert config.optim.lr == pytest.approx(2e-3) and config.optim.grad_clip == 0.5
+    with pytest.raises(ConfigError, match="set twice"):
+        build_config(TrainerConfig, {}, ["optim.betas={a: 1, a: 2}"])
+
+
 def test_config_file_overrides_and_round_trip(tmp_path):
     file = tmp_path / "trainer.yaml"
     file.write_text("seed: 3\noptim:\n  lr: 3e-4\nrun:\n  max_steps: 5\n")
