@@ -63,36 +63,49 @@ def run(args: argparse.Namespace) -> int:
                                   "check run.output_dir or drop --resume to start a new run")
 
     from rba_core.train.distributed import barrier, unsharded
+    from rba_core.train.run_lock import run_lock
 
     info = init_distributed(config.run.device)
     try:
         if info.is_main:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-        # The same seed on every rank gives every replica the same fresh adapter.
-        seed_everything(config.seed)
-        task = build_task(config, info.device)
-        if info.is_main:
-            facts = task.describe()
-            print(f"rba train: {facts['task']} on {facts['rows']} rows of {facts['data']} "
-                  f"({facts['trainable_parameters']:,} of {facts['parameters']:,} parameters "
-                  f"trainable; {info.world_size} process(es) on {info.device})",
-                  file=sys.stderr)
-            if facts["skipped_rows"]:
-                print(f"rba train: skipped manifest rows: {facts['skipped_rows']}",
-                      file=sys.stderr)
-        result = Trainer(config, task, dist_info=info).train()
-        adapter_dir = result.output_dir / "adapter"
-        # LoRA weights inside FSDP-sharded layers are gathered on every rank for the export.
-        sharded = task.fsdp_modules() if config.run.strategy == "fsdp" else []
-        with unsharded(sharded):
+        # Held from before the models load until the adapter is written, so a second run on
+        # this folder is refused at once and never sees a half-exported adapter.
+        with run_lock(config.run.output_dir, info):
+            # The same seed on every rank gives every replica the same fresh adapter.
+            seed_everything(config.seed)
+            task = build_task(config, info.device)
             if info.is_main:
-                task.export(adapter_dir)
-            barrier(info)
+                facts = task.describe()
+                print(f"rba train: {facts['task']} on {facts['rows']} rows of {facts['data']} "
+                      f"({facts['trainable_parameters']:,} of {facts['parameters']:,} "
+                      f"parameters trainable; {info.world_size} process(es) on {info.device})",
+                      file=sys.stderr)
+                if facts["skipped_rows"]:
+                    print(f"rba train: skipped manifest rows: {facts['skipped_rows']}",
+                          file=sys.stderr)
+            result = Trainer(config, task, dist_info=info).train()
+            adapter_dir = result.output_dir / "adapter"
+            # LoRA weights inside FSDP-sharded layers are gathered on every rank for the export.
+            sharded = task.fsdp_modules() if config.run.strategy == "fsdp" else []
+            with unsharded(sharded):
+                if info.is_main:
+                    task.export(adapter_dir)
+                barrier(info)
         if info.is_main:
             loss = result.last_metrics.get("loss")
             print(f"rba train: {result.step} steps ({result.skipped_steps} skipped), last loss "
-                  f"{loss if loss is None else f'{loss:.4f}'}; adapter in {adapter_dir}, "
+                  f"{loss if loss is None else f'{loss:.4f}'}; "
+                  f"{_skipped_samples(result.skipped_samples)}; adapter in {adapter_dir}, "
                   f"metrics in {result.output_dir / 'metrics.jsonl'}")
     finally:
         shutdown(info)
     return 0
+
+
+def _skipped_samples(counts: dict[str, int]) -> str:
+    """``2 samples skipped (unreadable_audio 1, too_long 1)``, or that none were."""
+    if not counts:
+        return "no samples skipped"
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+    return f"{sum(counts.values())} samples skipped ({reasons})"

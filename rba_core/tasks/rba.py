@@ -655,6 +655,10 @@ class SpeechRLTask(RLTask):
     def fsdp_modules(self) -> list[nn.Module]:
         return fsdp_layers(self.speechlm)
 
+    def skipped_samples(self) -> list[tuple[str, str]]:
+        """The dataset's left-out rows so far (see ``SpeechTask.skipped_samples``)."""
+        return list(self.dataset.skipped_rows)
+
     def describe(self) -> dict[str, Any]:
         """Counts worth printing at the start of a run."""
         return {"task": self.task, "data": str(self.dataset.root), "rows": len(self.dataset),

@@ -175,6 +175,11 @@ class SpeechTask(ABC):
             return zero, {"empty_batches": 1.0}
         return self.batch_loss(batch.to(self.speechlm.device))
 
+    def skipped_samples(self) -> list[tuple[str, str]]:
+        """The dataset's left-out rows so far, ``(manifest line or row, reason)``: those of
+        the manifest from the start, clips that fail to decode as training meets them."""
+        return list(self.dataset.skipped_rows)
+
     def describe(self) -> dict[str, Any]:
         """Counts worth printing at the start of a run."""
         trainable = sum(p.numel() for p in self.trainable_parameters())

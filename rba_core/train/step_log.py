@@ -1,6 +1,8 @@
 """What the trainer reports after each optimizer step: the skip warning, the progress bar, and
 every ``run.log_every`` steps one JSON Lines record (plus TensorBoard) averaging the window of
-steps since the last one over steps and ranks; the PNG of the curves when the run ends."""
+steps since the last one over steps and ranks, with the run's counts of skipped steps and of
+samples the data left out (``skipped_samples``: reason -> count, cumulative); the PNG of the
+curves when the run ends."""
 from __future__ import annotations
 
 import logging
@@ -30,13 +32,49 @@ class RunCounters:
     tokens_seen: float = 0.0
 
 
+class SkippedSamples:
+    """The samples the task's data left out, by reason, over all ranks and a resume.
+
+    The task's optional ``skipped_samples()`` lists this rank's ``(sample, reason)`` pairs so
+    far; ``update`` (a collective) merges every rank's into one set, so a sample met by several
+    ranks or in several epochs counts once. The set goes into each checkpoint, so the counts
+    are cumulative over the whole run.
+    """
+
+    def __init__(self, task: Any, dist: dd.DistInfo) -> None:
+        self.dist = dist
+        self._source = getattr(task, "skipped_samples", None)
+        self.seen: set[tuple[str, str]] = set()
+
+    def update(self) -> None:
+        if not callable(self._source):
+            return
+        new = sorted({(str(where), str(reason)) for where, reason in self._source()} - self.seen)
+        for pairs in dd.gather_objects(new, self.dist):
+            self.seen.update(pairs)  # type: ignore[arg-type]
+
+    def counts(self) -> dict[str, int]:
+        """Samples left out so far, per reason."""
+        out: dict[str, int] = {}
+        for _, reason in sorted(self.seen):
+            out[reason] = out.get(reason, 0) + 1
+        return out
+
+    def state_dict(self) -> list[list[str]]:
+        return [list(pair) for pair in sorted(self.seen)]
+
+    def load_state_dict(self, state: list[list[str]]) -> None:
+        self.seen = {(str(where), str(reason)) for where, reason in state}
+
+
 class StepLog:
     """The after-step reporting of one run, on every rank (the averages need all ranks); only
     rank 0 writes files and shows the progress bar."""
 
     def __init__(self, dist: dd.DistInfo, output_dir: Path, run: RunConfig, *,
-                 total_steps: int, step: int, resumed: bool) -> None:
+                 total_steps: int, step: int, resumed: bool, skipped: SkippedSamples) -> None:
         self.dist = dist
+        self.skipped = skipped
         self.output_dir = output_dir
         self.run = run
         self.total_steps = total_steps
@@ -102,16 +140,19 @@ class StepLog:
         record: dict[str, Any] = {key: merged[key] / counts[key] for key in merged}
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         counters.tokens_seen += total_tokens
+        self.skipped.update()
         record.update(step=step, epoch=epoch, skipped_steps=counters.skipped_steps,
                       nonfinite_loss=counters.nonfinite_loss,
                       nonfinite_grad=counters.nonfinite_grad,
+                      skipped_samples=self.skipped.counts(),
                       steps_per_s=self.window_steps / elapsed, time=time.time())
         if total_tokens:
             record["tokens_per_s"] = total_tokens / elapsed
             record["tokens_seen"] = counters.tokens_seen
         if self.writer is not None:
             self.writer.write(record)
-        self.last_record = record
+        # The run's result carries the skipped samples in a field of their own.
+        self.last_record = {k: v for k, v in record.items() if k != "skipped_samples"}
         self._reset()
 
     def close(self) -> None:

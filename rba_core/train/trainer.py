@@ -22,7 +22,8 @@ from rba_core.train import checkpoint as ckpt
 from rba_core.train import distributed as dd
 from rba_core.train.config import TrainerConfig, config_to_dict
 from rba_core.train.schedule import build_scheduler
-from rba_core.train.step_log import COUNTED, RunCounters, StepLog
+from rba_core.train.run_lock import run_lock
+from rba_core.train.step_log import COUNTED, RunCounters, SkippedSamples, StepLog
 
 logger = logging.getLogger("rba.train")
 
@@ -55,6 +56,11 @@ class TrainTask(Protocol):
       ``grad_norm`` and ``skipped``), before logging and checkpointing: per-step work such as
       an adaptive KL controller or a periodic evaluation, whose returned metrics join the
       step's record;
+    - ``skipped_samples() -> Iterable[tuple[str, str]]``: the ``(sample, reason)`` pairs this
+      rank's data has left out so far (a corrupt manifest line, a clip that does not decode),
+      the sample named so that the same one gives the same name on every rank; the trainer
+      counts each once per reason over ranks, epochs and a resume, in ``metrics.jsonl``
+      (``skipped_samples``) and ``TrainResult.skipped_samples``;
     - ``state_dict() -> Any`` / ``load_state_dict(state)``: state beyond the trainable
       parameters (counters, controllers, frozen reference weights) that exact resume needs.
       ``state_dict()`` is called on every rank at each checkpoint (so it may gather across
@@ -71,7 +77,8 @@ class TrainTask(Protocol):
 
 @dataclass
 class TrainResult:
-    """Where a finished run ended."""
+    """Where a finished run ended. ``skipped_samples``: samples the data left out over the
+    whole run, per reason."""
 
     step: int
     epoch: int
@@ -81,6 +88,7 @@ class TrainResult:
     output_dir: Path
     checkpoint: Path | None
     last_metrics: dict[str, float] = field(default_factory=dict)
+    skipped_samples: dict[str, int] = field(default_factory=dict)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -125,6 +133,7 @@ class Trainer:
         self.dist = dist_info or dd.init_distributed(config.run.device)
         self.output_dir = Path(config.run.output_dir)
         self.counters = RunCounters()
+        self.skipped = SkippedSamples(task, self.dist)
 
     # ----------------------------------------------------------------------------- set-up
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -206,6 +215,7 @@ class Trainer:
                     else value for key, value in sorted(entry.items())}
             for index, entry in sorted(optimizer_state["state"].items())}
         rng_states = dd.gather_objects(ckpt.capture_rng(), self.dist)
+        self.skipped.update()
         state_fn = getattr(self.task, "state_dict", None)
         task_state = state_fn() if callable(state_fn) else None
         path = None
@@ -215,6 +225,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "scheduler": self.scheduler.state_dict(),
                 **dataclasses.asdict(self.counters),
+                "skipped_samples": self.skipped.state_dict(),
                 "config": config_to_dict(self.config),
             }
             path = ckpt.write_checkpoint(
@@ -256,6 +267,7 @@ class Trainer:
             nonfinite_loss=int(state.get("nonfinite_loss", 0)),
             nonfinite_grad=int(state.get("nonfinite_grad", 0)),
             tokens_seen=float(state.get("tokens_seen", 0.0)))
+        self.skipped.load_state_dict(state.get("skipped_samples", []))
         rng = ckpt.read_torch(folder, ckpt.RNG_NAME)
         return state, rng
 
@@ -390,13 +402,19 @@ class Trainer:
         return group
 
     def train(self) -> TrainResult:
-        """Train until ``run.max_steps`` / ``run.max_epochs``; resume first if configured."""
+        """Train until ``run.max_steps`` / ``run.max_epochs``; resume first if configured.
+        ``run.output_dir`` is held for the run (``rba_core.train.run_lock``): a folder another
+        live run holds raises ConfigError, on every rank, before any work."""
+        with run_lock(self.output_dir, self.dist):
+            return self._train()
+
+    def _train(self) -> TrainResult:
         run = self.config.run
         fsdp = self._set_up()
         at, rng_states, resumed_from = self._resume()
         self._write_config()
         log = StepLog(self.dist, self.output_dir, run, total_steps=self.total_steps,
-                      step=at.step, resumed=resumed_from is not None)
+                      step=at.step, resumed=resumed_from is not None, skipped=self.skipped)
         last_path = resumed_from
         last_saved = at.step if resumed_from is not None else -1
         try:
@@ -415,12 +433,14 @@ class Trainer:
         finally:
             log.close()
         log.plot()
+        self.skipped.update()
         return TrainResult(step=at.step, epoch=at.epoch,
                            skipped_steps=self.counters.skipped_steps,
                            nonfinite_loss=self.counters.nonfinite_loss,
                            nonfinite_grad=self.counters.nonfinite_grad,
                            output_dir=self.output_dir, checkpoint=last_path,
-                           last_metrics=log.last_record)
+                           last_metrics=log.last_record,
+                           skipped_samples=self.skipped.counts())
 
     # -------------------------------------------------------------------- train()'s steps
     def _set_up(self) -> bool:

@@ -68,3 +68,28 @@ def test_rba_train_command_trains_saves_and_resumes(tiny_models, tmp_path, capsy
     with pytest.raises(ConfigError, match="manifest.jsonl"):
         rba_train([*common, "run.max_steps=1", f"data.dir={tmp_path}",
                     f"run.output_dir={tmp_path / 'x'}"])
+
+
+def test_an_unreadable_clip_is_reported_in_the_summary_and_metrics(tiny_models, tmp_path,
+                                                                   capsys):
+    data = tiny_models["data"]
+    rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    # A text file named .flac: listed, non-empty, so only decoding finds it out.
+    (data / rows[2]["audio"]).write_text("not audio at all " * 20)
+    with open(data / "manifest.jsonl", "a") as handle:
+        handle.write('{"id": "torn", "instruction": "wh\n')
+    out = tmp_path / "run"
+    common = [f"model.encoder={tiny_models['encoder']}", f"model.llm={tiny_models['llm']}",
+              f"data.dir={data}", "data.batch_size=2", f"run.output_dir={out}",
+              "run.progress=false", "run.plot=false", "run.max_epochs=0", "task=sft",
+              "run.checkpoint_every=3"]
+    # Three steps are one epoch of the six rows; the resumed run meets the bad clip again.
+    assert rba_train([*common, "run.max_steps=3"]) == 0
+    assert "2 samples skipped (bad_json 1, unreadable_audio 1)" in capsys.readouterr().out
+    assert rba_train([*common, "run.max_steps=6"]) == 0
+    assert "2 samples skipped (bad_json 1, unreadable_audio 1)" in capsys.readouterr().out
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["skipped_samples"] == {"bad_json": 1, "unreadable_audio": 1}
+    assert all(r["skipped_samples"]["bad_json"] == 1 for r in records)
+

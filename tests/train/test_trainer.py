@@ -383,6 +383,47 @@ def test_metrics_file_and_plot(tmp_path, caplog):
     assert saved["run"]["max_steps"] == 4
 
 
+class SkipsSamples(ToyRegressionTask):
+    """Its data leaves out one sample at the start and a bad one each time batch 1 is
+    loaded (the same sample on every epoch), as a speech dataset does."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.skipped = [("manifest.jsonl:3", "bad_json")]
+
+    def train_batches(self, epoch, rank, world_size, seed):
+        batches = super().train_batches(epoch, rank, world_size, seed)
+
+        def loading():
+            for index, batch in enumerate(batches):
+                if index == 1:
+                    self.skipped.append(("row 7", "unreadable_audio"))
+                yield batch
+        return loading()
+
+    def skipped_samples(self):
+        return list(self.skipped)
+
+
+def test_skipped_samples_are_counted_once_per_reason_in_metrics_and_result(tmp_path):
+    settings = ["run.max_steps=8", "run.log_every=1", "run.checkpoint_every=2"]
+    result = Trainer(make_config(tmp_path / "whole", *settings), SkipsSamples(samples=16)).train()
+    # Met in both epochs (4 batches each), counted once.
+    assert result.skipped_samples == {"bad_json": 1, "unreadable_audio": 1}
+    records = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert records[0]["skipped_samples"] == {"bad_json": 1}
+    assert all(r["skipped_samples"] == {"bad_json": 1, "unreadable_audio": 1}
+               for r in records[1:])
+    # A run killed before it meets the bad sample again keeps the count it had (checkpointed).
+    out = tmp_path / "killed"
+    Trainer(make_config(out, "run.max_steps=4", *settings[1:]), SkipsSamples(samples=16)).train()
+    task = SkipsSamples(samples=16)
+    task.skipped = []
+    result = Trainer(make_config(out, "run.max_steps=5", *settings[1:]), task).train()
+    assert result.skipped_samples == {"bad_json": 1, "unreadable_audio": 1}
+    assert read_metrics(out / "metrics.jsonl")[-1]["skipped_samples"] == result.skipped_samples
+
+
 def test_checkpoint_holds_trainable_weights_only(tmp_path):
     task = ToyRegressionTask(samples=16)
     Trainer(make_config(tmp_path, "run.max_steps=2"), task).train()
