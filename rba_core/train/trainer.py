@@ -102,6 +102,26 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 _END = object()
 
+# Restored with the optimizer's state, so a new value in the config would not take effect.
+_OPTIMIZER_STATE = ("lr", "betas", "eps", "weight_decay")
+# Settings a resumed run may change and stay the same run: how long it goes on, where it runs,
+# and how it reports and checkpoints.
+_RESUMABLE = frozenset(f"run.{name}" for name in (
+    "output_dir", "max_steps", "max_epochs", "device", "strategy", "log_every",
+    "checkpoint_every", "keep_last", "resume", "tensorboard", "progress", "plot"))
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as ``{"section.field": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
 
 @dataclass
 class Position:
@@ -272,16 +292,31 @@ class Trainer:
         return state, rng
 
     def _warn_changed_settings(self, saved: dict[str, Any]) -> None:
-        """The optimizer's hyper-parameters and base rate come back with its state, so a
-        changed ``optim.lr`` (etc.) would silently not apply; say so."""
+        """Say so when the checkpoint's settings differ from this run's. The optimizer's
+        hyper-parameters and base rate come back with its state, so a changed ``optim.lr``
+        (etc.) silently would not apply; any other changed setting applies but makes this
+        another run than the checkpoint began (a changed ``data.batch_size`` cuts the epoch
+        into other batches, so the data order is not replayed)."""
         current = config_to_dict(self.config)
-        changed = [f"optim.{key}" for key in ("lr", "betas", "eps", "weight_decay")
-                   if key in saved.get("optim", {})
-                   and saved["optim"][key] != current["optim"][key]]
+        messages = []
+        kept = [f"optim.{key}" for key in _OPTIMIZER_STATE
+                if key in saved.get("optim", {})
+                and saved["optim"][key] != current["optim"][key]]
+        if kept:
+            messages.append(f"{', '.join(kept)} differ from the checkpoint's; the resumed "
+                            "optimizer keeps the checkpoint's values (start a new "
+                            "run.output_dir to use the new ones)")
+        old, new = _flatten(saved), _flatten(current)
+        changed = [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(new)
+                   if key in old and old[key] != new[key] and key not in _RESUMABLE
+                   and key.removeprefix("optim.") not in _OPTIMIZER_STATE]
         if changed:
-            message = (f"{', '.join(changed)} differ from the checkpoint's; the resumed "
-                       "optimizer keeps the checkpoint's values (start a new run.output_dir "
-                       "to use the new ones)")
+            messages.append(f"resuming with settings that differ from the checkpoint's "
+                            f"({'; '.join(changed)}): they apply from here on, so this is not "
+                            "the run the checkpoint began (the data order, for one, is not "
+                            "replayed exactly); start a new run.output_dir to train with them "
+                            "from the start")
+        for message in messages:
             if self.dist.is_main:
                 logger.warning(message)
             warnings.warn(message, stacklevel=3)

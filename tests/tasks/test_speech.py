@@ -93,3 +93,12 @@ def test_an_unreadable_clip_is_reported_in_the_summary_and_metrics(tiny_models, 
     assert records[-1]["skipped_samples"] == {"bad_json": 1, "unreadable_audio": 1}
     assert all(r["skipped_samples"]["bad_json"] == 1 for r in records)
 
+
+def test_resuming_with_another_batch_size_warns(tiny_models, tmp_path):
+    config = speech_config(tiny_models, tmp_path / "run", "task=sft", "run.max_steps=1")
+    uninterrupted_run(config)
+    changed = speech_config(tiny_models, tmp_path / "run", "task=sft", "run.max_steps=2",
+                            "data.batch_size=3")
+    with pytest.warns(UserWarning, match=r"data.batch_size: 2 -> 3\).*data order.*not "
+                                         r"replayed exactly"):
+        uninterrupted_run(changed)

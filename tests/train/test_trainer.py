@@ -424,6 +424,23 @@ def test_skipped_samples_are_counted_once_per_reason_in_metrics_and_result(tmp_p
     assert read_metrics(out / "metrics.jsonl")[-1]["skipped_samples"] == result.skipped_samples
 
 
+def test_resuming_with_changed_settings_warns_naming_them(tmp_path):
+    out = tmp_path / "run"
+    Trainer(make_config(out, "run.max_steps=2"), ToyRegressionTask(samples=16)).train()
+    with pytest.warns(UserWarning, match=r"settings that differ from the checkpoint's "
+                                         r"\(optim.grad_clip: 1.0 -> 0.5; seed: 0 -> 3\)"):
+        Trainer(make_config(out, "run.max_steps=3", "optim.grad_clip=0.5", "seed=3"),
+                ToyRegressionTask(samples=16)).train()
+    # How long it runs and how it reports may change without a word.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(make_config(out, "run.max_steps=4", "optim.grad_clip=0.5", "seed=3",
+                            "run.log_every=2", "run.keep_last=1"),
+                ToyRegressionTask(samples=16)).train()
+
+
 def test_checkpoint_holds_trainable_weights_only(tmp_path):
     task = ToyRegressionTask(samples=16)
     Trainer(make_config(tmp_path, "run.max_steps=2"), task).train()
