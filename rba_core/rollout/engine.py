@@ -273,6 +273,11 @@ class RolloutEngine:
                 max_new_tokens=T, dtype=weight.dtype, device=weight.device)
         return self.cache
 
+    def release_packed_weights(self) -> None:
+        """Free the packed decode copy now (the next rollout rebuilds it): for callers whose
+        next step changes the weights anyway, so the copy would only hold memory meanwhile."""
+        self._packed = None
+
     def _packed_projections(self) -> PackedProjections | None:
         # Only the compacted CPU step uses them: a captured (static) step must keep reading the
         # live weights, which an optimizer updates in place between rollouts, and on a GPU the

@@ -269,6 +269,15 @@ class RLStep:
         self.decode = decode
         self.reference = reference
         self.specs = config.reward_specs()
+        # Only the dense and teacher-likelihood rewards read the teacher's scores; a run
+        # without them (e.g. GRPO on a task reward) skips that pass.
+        self.needs_teacher = any(spec.name in ("dense", "teacher_likelihood")
+                                 for spec in self.specs)
+        # When the decoder's own weights train (a full fine-tune), every update makes the
+        # engine's packed decode copy stale: drop it after each rollout instead of holding a
+        # second copy of the weights through the update.
+        self.release_packed = any(p.requires_grad for name, p in policy_llm.named_parameters()
+                                  if "lora" not in name)
         self.kl = (AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon)
                    if config.target_kl > 0 else FixedKLController(config.beta))
         self.policy_engine = RolloutEngine(policy_llm, max_prompt_len=1 << 16,
@@ -292,13 +301,18 @@ class RLStep:
             batch = self.policy_engine.generate(rows, G, self.sampling, seeds=list(seeds))
         finally:
             self.policy.train(was_training)
+            if self.release_packed:
+                self.policy_engine.release_packed_weights()
         rollout_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        scoring = lora_disabled(self.teacher) if self.teacher is self.policy else \
-            contextlib.nullcontext()
-        with scoring:
-            teacher = self.teacher_engine.score(prompts.teacher, batch.tokens, batch.lengths)
+        teacher_logp = None
+        if self.needs_teacher:
+            scoring = lora_disabled(self.teacher) if self.teacher is self.policy else \
+                contextlib.nullcontext()
+            with scoring:
+                teacher_logp = self.teacher_engine.score(prompts.teacher, batch.tokens,
+                                                         batch.lengths).logprobs
         mask = batch.mask
         old = batch.logprobs
         if cfg.temperature != 1.0:
@@ -319,7 +333,7 @@ class RLStep:
         texts = [[self.decode(ids) for ids in group] for group in batch.sequences()]
         experience = Experience(
             tokens=batch.tokens, mask=mask, old_logprobs=old, ref_logprobs=ref,
-            teacher_logprobs=teacher.logprobs, lengths=batch.lengths,
+            teacher_logprobs=teacher_logp, lengths=batch.lengths,
             finish_reasons=batch.finish_reasons, metadata=list(prompts.rows))
         # The dense reward is the reverse KL to the teacher at the *untempered* policy.
         rewards = combine_rewards(self.specs, replace(experience, old_logprobs=batch.logprobs),
@@ -335,7 +349,7 @@ class RLStep:
         experience.sequence_rewards = rewards.sequence
         experience.token_rewards = rewards.token
         experience.advantages = combine_advantages(sequence_adv, token_adv, mask)
-        metrics = self._rollout_metrics(batch.logprobs, teacher.logprobs, mask, batch.lengths,
+        metrics = self._rollout_metrics(batch.logprobs, teacher_logp, mask, batch.lengths,
                                         batch.finish_reasons, texts, rewards.components)
         tokens = int(batch.lengths.sum())
         return experience, RolloutStats(rollout_s, scoring_s, tokens, metrics)
@@ -348,7 +362,7 @@ class RLStep:
         return shared_prefix_logprobs(model if model is not None else self.policy, rows,
                                       tokens, lengths, temperature=temperature).logprobs
 
-    def _rollout_metrics(self, policy_logp: torch.Tensor, teacher_logp: torch.Tensor,
+    def _rollout_metrics(self, policy_logp: torch.Tensor, teacher_logp: torch.Tensor | None,
                          mask: torch.Tensor, lengths: torch.Tensor, reasons: list[list[str]],
                          texts: list[list[str]], components: dict[str, torch.Tensor]
                          ) -> dict[str, float]:
@@ -359,13 +373,15 @@ class RLStep:
         flat_texts = [t for group in texts for t in group]
         n = max(len(flat_reasons), 1)
         metrics = {
-            "teacher_reverse_kl": float(((policy_logp - teacher_logp) * mask).sum() / active),
             "response_length": float(lengths.float().mean()),
             "stopped_share": sum(r in (FINISH_STOP, FINISH_STOP_STRING)
                                  for r in flat_reasons) / n,
             "truncated_share": sum(r == FINISH_LENGTH for r in flat_reasons) / n,
             "looping_share": sum(repetition_reason(t) is not None for t in flat_texts) / n,
         }
+        if teacher_logp is not None:
+            metrics["teacher_reverse_kl"] = float(((policy_logp - teacher_logp) * mask).sum()
+                                                  / active)
         for label, values in components.items():
             metrics[f"reward_{label}"] = float(values.float().mean())
         return metrics

@@ -122,6 +122,7 @@ def test_a_reward_that_prefers_a_word_raises_its_probability(tmp_path):
             logits = policy(prompt[None])[0, -1]
         return float(logits.softmax(-1)[paris])
 
+    assert step.release_packed  # a full fine-tune: the packed decode copy goes after a rollout
     before = paris_probability()
     trainer_config = build_config(TrainerConfig, {}, [
         f"run.output_dir={tmp_path / 'out'}", "run.max_steps=12", "run.progress=false",
@@ -146,6 +147,9 @@ def test_equal_rewards_give_zero_advantages_and_a_finite_loss(speech):
     loss, metrics = step.loss(prompts, experience)
     assert torch.isfinite(loss) and float(loss.detach()) == 0.0
     assert stats.metrics["reward_external:" + config.external_reward] == 0.5
+    # No reward reads the teacher, so it never scored; the frozen LLM keeps its packed copy.
+    assert experience.teacher_logprobs is None and "teacher_reverse_kl" not in stats.metrics
+    assert not step.release_packed and step.policy_engine._packed is not None
     assert stats.metrics["stopped_share"] + stats.metrics["truncated_share"] == 1.0
 
 
