@@ -358,3 +358,17 @@ def test_held_out_answers_are_scored_every_n_steps(speech):
     scores = task.on_step_end(2, {"skipped": 0})
     assert scores["eval_rows"] == 2.0
     assert {"eval_teacher_logprob", "eval_chrf"} <= set(scores)
+
+
+def test_an_undecodable_clip_is_reported_as_skipped(tmp_path):
+    torch.manual_seed(0)
+    slm = tiny_speechlm(tmp_path / "llm")
+    data = write_dataset(tmp_path / "data")
+    (data / "audio" / "00001.flac").write_text("not audio")
+    dataset = SpeechDataset(data, "train", slm.tokenizer, n_mels=slm.n_mels)
+    task = SpeechRLTask(slm, dataset, build_rl_step(slm, RBAConfig(group_size=2,
+                                                                   max_new_tokens=3)),
+                        batch_size=3)
+    units = list(task.train_batches(0, 0, 1, seed=1))
+    assert units and len(units[0].prompts.rows) == 2
+    assert [reason for _, reason in task.skipped_samples()] == ["unreadable_audio"]
