@@ -31,15 +31,19 @@ def run(args: argparse.Namespace) -> int:
     from rba_core.errors import ConfigError
     from rba_core.models.llama import LlamaConfig
     from rba_core.rollout import generate
-    from rba_core.weights.loading import LLM_MODEL_TYPES, load_model
+    from rba_core.weights.loading import LLM_MODEL_TYPES, SUPPORTED_MODEL_TYPES, load_model
     from rba_core.weights.prepare import resolve_model_dir
-    from rba_core.weights.safetensors_io import read_config
+    from rba_core.weights.safetensors_io import CONFIG_NAME, read_config
 
     # Bad flags, and a prompt the model cannot take, fail before any weights load.
     sampling_from_args(args, ())
     dtype, device = model_placement(args)
     folder = resolve_model_dir(args.model, DEFAULT_LLM, "--model")
-    if read_config(folder).get("model_type") not in LLM_MODEL_TYPES:
+    model_type = read_config(folder).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{folder / CONFIG_NAME}: model_type {model_type!r} is not supported; "
+                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type not in LLM_MODEL_TYPES:
         raise ConfigError(f"{folder}: `rba generate` needs an LLM checkpoint (model_type one of "
                           f"{', '.join(LLM_MODEL_TYPES)})")
     context = LlamaConfig.from_pretrained(folder).max_position_embeddings
