@@ -17,15 +17,18 @@ from rba_core.eval.bootstrap import Interval, mean_interval, paired_difference
 class Metric:
     """A headline metric: the per-item score ``key`` averaged over items (weighted by the
     per-item score ``weight`` when given, e.g. instruction-level accuracy by the number of
-    instructions), shown as a percentage when ``percent``."""
+    instructions), shown as a percentage when ``percent``; ``higher_is_better`` None for a
+    descriptive one (answer length)."""
 
     key: str
     label: str
-    higher_is_better: bool
+    higher_is_better: bool | None
     percent: bool = False
     weight: str | None = None
 
     def heading(self) -> str:
+        if self.higher_is_better is None:
+            return self.label
         return f"{self.label} {'↑' if self.higher_is_better else '↓'}"
 
     def show(self, value: float) -> str:

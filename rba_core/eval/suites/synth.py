@@ -45,7 +45,7 @@ class SynthSuite(Suite):
                Metric("bleu", "BLEU", True, percent=True),
                Metric("on_topic", "on topic", True, percent=True),
                Metric("looping", "looping", False, percent=True),
-               Metric("answer_tokens", "answer tokens", False),
+               Metric("answer_tokens", "answer tokens", None),
                Metric("repeat_wer", "repeat WER", False, percent=True, weight="repeat_words"))
 
     def items(self, tokenizer):
