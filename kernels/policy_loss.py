@@ -56,8 +56,9 @@ class _PolicyTokenLossFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old, ref, adv, weights, valid, options, terms_fn):
-        loss_t, grad_t, ratio, kl, clipped = terms_fn(logp, old, ref, adv, weights, valid,
-                                                      **options)
+        # No old log-probs: the samples come from the current weights, old = logp (ratio 1).
+        loss_t, grad_t, ratio, kl, clipped = terms_fn(logp, logp if old is None else old, ref,
+                                                      adv, weights, valid, **options)
         ctx.save_for_backward(grad_t)
         ctx.logp_dtype = logp.dtype
         outputs = (ratio, clipped) if kl is None else (ratio, clipped, kl)
@@ -108,7 +109,8 @@ class _FusedPolicyLossFn(torch.autograd.Function):
             lp, ls, ent = module.token_scores_chunk_forward(h, weight, bias, i, scale,
                                                             with_entropy, z)
             loss_t, g, r, k, c = policy_loss_reference.policy_token_terms(
-                lp, old[part], None if ref is None else ref[part], adv[part], weights[part],
+                lp, lp if old is None else old[part], None if ref is None else ref[part],
+                adv[part], weights[part],
                 valid[part], **options)
             g = g.to(acc).contiguous()
             module.token_scores_chunk_backward(z, h, weight, bias, i, scale, ls, g,
@@ -173,8 +175,8 @@ def _fused_native_policy_loss(hidden, weight, bias, ids, advantages, old_logprob
         per_token = [None if t is None else t.index_select(0, rows) for t in per_token]
     flat_ids, old, ref, adv, w = per_token
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    old, adv, w = (t.to(acc).contiguous() for t in (old, adv, w))
-    ref = None if ref is None else ref.to(acc).contiguous()
+    old, ref = (None if t is None else t.to(acc).contiguous() for t in (old, ref))
+    adv, w = (t.to(acc).contiguous() for t in (adv, w))
     loss, logp, entropy, ratio, kl, clipped = _FusedPolicyLossFn.apply(
         flat_hidden.contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), flat_ids.to(torch.int64).contiguous(),
@@ -227,7 +229,7 @@ def fused_linear_policy_loss(
     weight: torch.Tensor,
     ids: torch.Tensor,
     advantages: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     *,
@@ -250,6 +252,9 @@ def fused_linear_policy_loss(
     per sequence [B]. Per token: ratio = exp(logp - old), loss_t = -min(ratio * A,
     clip(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A) + beta * kl_t with kl_estimator
     k1 = logp - ref, k2 = (ref - logp)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1.
+    old_logprobs=None means the samples come from the current weights: old is logp itself,
+    held constant (ratio 1, gradient -A per token; what TRL does when it skips the old policy's
+    pass), which saves computing the log-probs twice.
 
     loss_type: "grpo" averages over each sequence's valid tokens, then over sequences (flat input
     needs sequence_ids); "dapo" divides the sum by the number of valid tokens; "dr_grpo" divides
@@ -275,7 +280,8 @@ def fused_linear_policy_loss(
     if beta > 0 and ref_logprobs is None:
         raise ValueError(f"beta={beta} needs ref_logprobs (the reference policy's log-probs); "
                          "pass them or set beta=0")
-    old_logprobs = check_per_token("old_logprobs", old_logprobs, lead, device)
+    if old_logprobs is not None:
+        old_logprobs = check_per_token("old_logprobs", old_logprobs, lead, device)
     if ref_logprobs is not None:
         ref_logprobs = check_per_token("ref_logprobs", ref_logprobs, lead, device)
     advantages = check_tensor("advantages", advantages)

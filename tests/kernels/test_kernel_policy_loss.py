@@ -140,6 +140,26 @@ def test_beta_zero_without_reference(backend):
     check_against_oracle(torch.float32, backend, "dapo", "k3", beta=0.0, with_ref=False)
 
 
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
+def test_no_old_logprobs_is_on_policy(backend):
+    """old_logprobs=None is old = logp held constant: the float64 oracle with old = exact logp."""
+    hidden, weight, ids, advantages, _, ref, mask = make_batch(torch.float32)
+    with torch.no_grad():
+        logsm = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+        exact = logsm.gather(-1, ids.clamp(min=0)[..., None]).squeeze(-1)
+    with chunked(backend):
+        loss, stats = fused_linear_policy_loss(hidden, weight, ids, advantages, None, ref, mask,
+                                               beta=0.1, backend=backend)
+    want_loss, want_grads, _ = oracle(hidden, weight, ids, advantages, exact, ref, mask,
+                                      beta=0.1, kl_estimator="k3", loss_type="grpo")
+    assert_close(loss, want_loss, TOL[torch.float32], "loss")
+    for name, got, exp in zip(("hidden", "weight"), torch.autograd.grad(loss, (hidden, weight)),
+                              want_grads):
+        assert_close(got, exp, TOL[torch.float32], f"grad_{name}")
+    assert torch.equal(stats.ratio, torch.ones_like(stats.ratio))
+    assert not stats.clipped.any()
+
+
 def test_per_sequence_advantages_equal_their_broadcast():
     hidden, weight, ids, advantages, old, ref, mask = make_batch(torch.float32)
     args = dict(beta=0.05, backend="torch")
