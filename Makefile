@@ -47,8 +47,16 @@ demo: install
 	    model.adapter=rba_core/assets/speechlm-default run.output_dir=$(DEMO_DIR)/kd \
 	    data.batch_size=4 run.max_steps=6 schedule.warmup_steps=1 optim.lr=1e-4 \
 	    run.log_every=1 run.checkpoint_every=0 run.plot=false
-	# 3. The held-out questions: the SpeechLM hearing each one beside the teacher reading it.
+	# 3. The held-out questions after KD: the SpeechLM hearing each one beside the teacher.
 	rba chat --data $(DEMO_DIR)/data --adapter $(DEMO_DIR)/kd/adapter --limit 4 --max-new-tokens 48
+	# 4. A few steps of RBA's RL step from the KD adapter: 4 rollouts per spoken question, the
+	#    teacher scoring every token of them on the transcript.
+	rba train --config rba_core/tasks/configs/rba.yaml data.dir=$(DEMO_DIR)/data \
+	    model.adapter=$(DEMO_DIR)/kd/adapter run.output_dir=$(DEMO_DIR)/rba data.batch_size=2 \
+	    rba.group_size=4 rba.max_new_tokens=32 run.max_steps=4 schedule.warmup_steps=1 \
+	    optim.lr=1e-4 run.checkpoint_every=0 run.plot=false
+	# 5. The same held-out questions after RBA.
+	rba chat --data $(DEMO_DIR)/data --adapter $(DEMO_DIR)/rba/adapter --limit 4 --max-new-tokens 48
 
 test: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
