@@ -235,6 +235,7 @@ def fused_linear_policy_loss(
     *,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    kl_ratio: bool = False,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     loss_type: str = "grpo",
@@ -252,6 +253,9 @@ def fused_linear_policy_loss(
     per sequence [B]. Per token: ratio = exp(logp - old), loss_t = -min(ratio * A,
     clip(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A) + beta * kl_t with kl_estimator
     k1 = logp - ref, k2 = (ref - logp)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1.
+    kl_ratio multiplies each token's KL term by its ratio (differentiable): the unbiased
+    reverse-KL gradient for samples from the old policy (DeepSeek-V3.2; TRL's
+    use_bias_correction_kl); stats.kl stays kl_t.
     old_logprobs=None means the samples come from the current weights: old is logp itself,
     held constant (ratio 1, gradient -A per token; what TRL does when it skips the old policy's
     pass), which saves computing the log-probs twice.
@@ -301,7 +305,7 @@ def fused_linear_policy_loss(
         valid = torch.ones(lead, dtype=torch.bool, device=device)
 
     weights = _token_weights(valid, loss_type, batched, sequence_ids, max_length)
-    options = {"beta": beta, "kl_estimator": kl_estimator,
+    options = {"beta": beta, "kl_estimator": kl_estimator, "kl_ratio": bool(kl_ratio),
                "clip_eps_low": float(clip_eps_low), "clip_eps_high": float(clip_eps_high)}
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))

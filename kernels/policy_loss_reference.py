@@ -7,6 +7,10 @@ The CPU path of fused_linear_policy_loss and the float64 oracle of policy_loss_t
     loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * kl_t
     d = ref - logp;  k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1
 
+With kl_ratio the KL term is beta * kl_t * ratio, the ratio differentiable: the unbiased
+reverse-KL gradient for samples from the old policy (DeepSeek-V3.2; TRL's
+use_bias_correction_kl).
+
 `weights` carries the loss normalisation (zero on masked tokens), so the caller's loss is
 sum(weights * loss_t) and its gradient with respect to logp is weights * d loss_t / d logp.
 """
@@ -29,6 +33,7 @@ def policy_token_terms(
     kl_estimator: str,
     clip_eps_low: float,
     clip_eps_high: float,
+    kl_ratio: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(weighted loss_t, weighted d loss_t / d logp, ratio, kl or None, clipped), all 1-D.
 
@@ -56,8 +61,12 @@ def policy_token_terms(
         else:
             ed = torch.exp(d)
             kl, dkl = ed - d - 1.0, 1.0 - ed
-        loss = loss + beta * kl
-        grad = grad + beta * dkl
+        if kl_ratio:
+            loss = loss + beta * kl * ratio
+            grad = grad + beta * ratio * (dkl + kl)
+        else:
+            loss = loss + beta * kl
+            grad = grad + beta * dkl
         kl = torch.where(valid, kl, torch.zeros_like(kl))
     w = weights.to(dtype)
     zero = torch.zeros_like(loss)

@@ -18,7 +18,7 @@ def policy_token_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, weight_ptr, valid_ptr,
     loss_ptr, grad_ptr, ratio_ptr, kl_ptr, clipped_ptr,
     M, beta, eps_low, eps_high,
-    HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, KL_RATIO: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M
@@ -45,8 +45,12 @@ def policy_token_kernel(
             ed = tl.exp(d)
             kl = ed - d - 1.0
             dkl = 1.0 - ed
-        loss = loss + beta * kl
-        grad = grad + beta * dkl
+        if KL_RATIO:
+            loss = loss + beta * kl * ratio
+            grad = grad + beta * ratio * (dkl + kl)
+        else:
+            loss = loss + beta * kl
+            grad = grad + beta * dkl
         tl.store(kl_ptr + offs, tl.where(valid, kl, 0.0), mask=ok)
     tl.store(loss_ptr + offs, tl.where(valid, w * loss, 0.0), mask=ok)
     tl.store(grad_ptr + offs, tl.where(valid, w * grad, 0.0), mask=ok)
@@ -69,6 +73,7 @@ def policy_token_terms(
     kl_estimator: str,
     clip_eps_low: float,
     clip_eps_high: float,
+    kl_ratio: bool = False,
     out: tuple[torch.Tensor, ...] | None = None,
     block: int = BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -92,7 +97,8 @@ def policy_token_terms(
             *inputs[:2], inputs[0] if ref is None else ref, *inputs[2:], valid_u8,
             loss, grad, ratio, kl, clipped,
             m, float(beta), float(clip_eps_low), float(clip_eps_high),
-            HAS_REF=ref is not None, KL_KIND=KL_ESTIMATORS.index(kl_estimator), BLOCK=block,
+            HAS_REF=ref is not None, KL_KIND=KL_ESTIMATORS.index(kl_estimator),
+            KL_RATIO=bool(kl_ratio), BLOCK=block,
         )
     return loss, grad, ratio, None if ref is None else kl, clipped.view(torch.bool)
 
@@ -104,10 +110,12 @@ def compile_specs() -> list[tuple[object, dict[str, str], dict[str, object]]]:
                                       "loss_ptr", "grad_ptr", "ratio_ptr", "kl_ptr")},
         "valid_ptr": "*u8", "clipped_ptr": "*u8",
         "M": "i32", "beta": "fp32", "eps_low": "fp32", "eps_high": "fp32",
-        "HAS_REF": "constexpr", "KL_KIND": "constexpr", "BLOCK": "constexpr",
+        "HAS_REF": "constexpr", "KL_KIND": "constexpr", "KL_RATIO": "constexpr",
+        "BLOCK": "constexpr",
     }
     # k3 carries the most code (k1/k2 are subsets of its arithmetic); no-ref drops the KL.
     return [
-        (policy_token_kernel, signature, {"HAS_REF": has_ref, "KL_KIND": 2, "BLOCK": BLOCK})
-        for has_ref in (False, True)
+        (policy_token_kernel, signature,
+         {"HAS_REF": has_ref, "KL_KIND": 2, "KL_RATIO": kl_ratio, "BLOCK": BLOCK})
+        for has_ref, kl_ratio in ((False, False), (True, False), (True, True))
     ]

@@ -45,7 +45,7 @@ def make_batch(dtype, with_ref=True):
 
 
 def oracle(hidden, weight, ids, advantages, old, ref, mask, *, beta, kl_estimator, loss_type,
-           temperature=1.0, max_length=None):
+           temperature=1.0, max_length=None, kl_ratio=False):
     """(loss, grads of hidden and weight, per-token stats) in float64 by plain autograd."""
     h = hidden.detach().double().requires_grad_(True)
     w = weight.detach().double().requires_grad_(True)
@@ -61,7 +61,7 @@ def oracle(hidden, weight, ids, advantages, old, ref, mask, *, beta, kl_estimato
     if ref is not None:
         d = ref.double() - logp
         kl = {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d) - d - 1}[kl_estimator]
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * kl * (ratio if kl_ratio else 1.0)
     m = mask.double()
     per_token = per_token * m
     if loss_type == "grpo":
@@ -90,7 +90,7 @@ def chunked(backend):
 
 
 def check_against_oracle(dtype, backend, loss_type, kl_estimator, beta=0.1, with_ref=True,
-                         per_token_advantages=False, temperature=1.0):
+                         per_token_advantages=False, temperature=1.0, kl_ratio=False):
     hidden, weight, ids, advantages, old, ref, mask = make_batch(dtype, with_ref)
     if per_token_advantages:
         advantages = advantages[:, None] + 0.3 * torch.randn(B, T)
@@ -98,10 +98,12 @@ def check_against_oracle(dtype, backend, loss_type, kl_estimator, beta=0.1, with
         loss, stats = fused_linear_policy_loss(
             hidden, weight, ids, advantages, old, ref, mask, beta=beta,
             kl_estimator=kl_estimator, clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH,
-            loss_type=loss_type, temperature=temperature, return_entropy=True, backend=backend)
+            loss_type=loss_type, temperature=temperature, return_entropy=True, kl_ratio=kl_ratio,
+            backend=backend)
     want_loss, want_grads, want = oracle(hidden, weight, ids, advantages, old, ref, mask,
                                          beta=beta, kl_estimator=kl_estimator,
-                                         loss_type=loss_type, temperature=temperature)
+                                         loss_type=loss_type, temperature=temperature,
+                                         kl_ratio=kl_ratio)
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert_close(loss, want_loss, TOL[dtype], "loss")
     grads = torch.autograd.grad(loss, (hidden, weight))
@@ -138,6 +140,12 @@ def test_bfloat16_per_token_advantages_and_temperature(backend):
 @pytest.mark.parametrize("backend", ["triton", "native", "torch"])
 def test_beta_zero_without_reference(backend):
     check_against_oracle(torch.float32, backend, "dapo", "k3", beta=0.0, with_ref=False)
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
+def test_kl_term_weighted_by_the_ratio(backend, kl_estimator):
+    check_against_oracle(torch.float32, backend, "grpo", kl_estimator, beta=0.5, kl_ratio=True)
 
 
 @pytest.mark.parametrize("backend", ["triton", "native", "torch"])
