@@ -69,6 +69,19 @@ def _cell(metric: Metric, interval: dict[str, float]) -> str:
             f"[{metric.show(interval['low'])}, {metric.show(interval['high'])}]")
 
 
+def reason_counts(left_out: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many items were left out for each reason."""
+    counts: dict[str, int] = {}
+    for left in left_out:
+        counts[left["reason"]] = counts.get(left["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def reason_counts_text(left_out: Sequence[dict[str, Any]]) -> str:
+    """``reason n, reason n`` for the summaries."""
+    return ", ".join(f"{reason} {n}" for reason, n in reason_counts(left_out).items())
+
+
 def markdown(results: dict[str, Any], metrics: Sequence[Metric]) -> str:
     """The summary table (a line per system, and per system and engine when the items mix
     engines) and the table of paired differences."""
@@ -76,7 +89,7 @@ def markdown(results: dict[str, Any], metrics: Sequence[Metric]) -> str:
              f"({results['description']}); mean [95% bootstrap interval]"]
     if results.get("left_out"):
         lines.append(f"Left out: {len(results['left_out'])} items "
-                     f"({', '.join(sorted({r['reason'] for r in results['left_out']}))})")
+                     f"({reason_counts_text(results['left_out'])})")
     groups = results.get("groups") or []
     lead = "| system | engine |" if len(groups) > 1 else "| system |"
     lines += ["", lead + "".join(f" {m.heading()} |" for m in metrics),

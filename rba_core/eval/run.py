@@ -85,14 +85,40 @@ def _machine() -> str:
             f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)")
 
 
+def _without_unreadable_audio(items: list[Any], suite: Any) -> list[Any]:
+    """The items whose clip loads as the SpeechLM takes it (at most 30 s, checked from the
+    header before decoding; decodable; long enough for one frame). The others go to
+    ``suite.left_out`` with why, before any system answers, so every system answers the
+    same items and one bad clip cannot end the run."""
+    from rba_core.data.audio import load_speech
+    from rba_core.errors import AudioError, AudioTooLong
+
+    kept = []
+    for item in items:
+        if item.audio is not None:
+            try:
+                load_speech(item.audio)
+            except AudioTooLong:
+                suite.left_out.append({"id": item.id, "reason": "too_long"})
+                continue
+            except AudioError:
+                suite.left_out.append({"id": item.id, "reason": "unreadable_audio"})
+                continue
+        kept.append(item)
+    return kept
+
+
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Evaluate every system of ``config`` on its suite; write the files when ``config.out``."""
     config.validate()
     teacher, tokenizer = load_teacher(config.paths)
     suite = make_suite(config.suite, config.options)
-    items = suite.items(tokenizer)
+    items = _without_unreadable_audio(suite.items(tokenizer), suite)
     for left in suite.left_out:
         _log(f"left out {left['id']}: {left['reason']}")
+    if suite.left_out:
+        counts = report.reason_counts_text(suite.left_out)
+        _log(f"left out {len(suite.left_out)} items ({counts}); {len(items)} remain")
     if len(items) < 2:
         raise ConfigError(f"--suite {config.suite}: {len(items)} items to evaluate (left out: "
                           f"{len(suite.left_out)}); need at least 2 for intervals")
@@ -138,7 +164,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             for g in groups} if len(groups) > 1 else {}
     results = {
         "suite": suite.name, "description": suite.description, "items": len(items),
-        "left_out": suite.left_out, "groups": groups, "command": config.command,
+        "left_out": suite.left_out, "left_out_counts": report.reason_counts(suite.left_out),
+        "groups": groups, "command": config.command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(), "sampling": asdict(context.sampling),
         "resamples": config.resamples, "seed": config.seed,

@@ -102,8 +102,7 @@ class SpeechSystem(System):
         self.adapter = adapter
 
     def answer_ids(self, items, sampling, *, prompt=None, batch_size=8, seed=0, progress=None):
-        from rba_core.data.audio import load_audio
-        from rba_core.data.speech import SAMPLE_RATE
+        from rba_core.data.audio import load_speech
 
         slm = self.speechlm
         slm.eval()
@@ -112,7 +111,7 @@ class SpeechSystem(System):
             if any(item.audio is None for item in batch):
                 raise ConfigError("a SpeechLM system needs audio for every item; the suite "
                                   "should have left out the items without")
-            waves = [load_audio(item.audio, sample_rate=SAMPLE_RATE) for item in batch]
+            waves = [load_speech(item.audio) for item in batch]
             features, lengths = slm.features(waves)
             pieces = [split_student_prompt(slm.tokenizer, student_messages(item.row(prompt)))
                       for item in batch]

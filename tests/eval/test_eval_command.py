@@ -130,3 +130,21 @@ def test_nq_suite_spoken_by_espeak(folders, capsys):
     assert _eval(folders, "--suite", "nq", "--limit", "2", "--teacher-text",
                  "--audio-cache", str(folders["tmp"] / "audio"), "--out", str(out)) == 0
     assert [c.stat().st_mtime_ns for c in sorted(clips)] == stamps
+
+
+def test_an_undecodable_clip_is_left_out_counted_and_reported(tmp_path, capsys):
+    from helpers import ROWS
+
+    encoder = write_tiny_encoder(tmp_path / "encoder")
+    llm = write_tiny_llm(tmp_path / "llm")
+    data = write_dataset(tmp_path / "data", ROWS * 2, split="heldout")
+    (data / "audio" / "00002.flac").write_text("not audio")
+    out = tmp_path / "out"
+    assert main(["eval", "--encoder", str(encoder), "--llm", str(llm), "--max-new-tokens", "3",
+                 "--resamples", "20", "--no-progress", "--suite", "synth", "--data", str(data),
+                 "--untrained", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    assert results["items"] == 5 and results["left_out_counts"] == {"unreadable_audio": 1}
+    assert "Left out: 1 items (unreadable_audio 1)" in captured.out
+    assert "left out 1 items (unreadable_audio 1); 5 remain" in captured.err

@@ -45,7 +45,7 @@ def test_weighted_metric_is_a_ratio_of_sums():
 def test_markdown_tables():
     _, _, results = _results()
     text = report.markdown(results, METRICS)
-    assert "Left out: 1 items (longer than 30 s)" in text
+    assert "Left out: 1 items (longer than 30 s 1)" in text
     assert "| system | hit ↑ | share ↑ |" in text
     assert "| A | 75.0 [" in text
     assert "| A | B | 50.0 [" in text
