@@ -60,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from rba_core.models.speechlm import DEFAULT_ADAPTER_DIR, SpeechLM
     from rba_core.rollout import generate
 
-    # Bad flags fail before any model loads.
-    sampling_from_args(args, ())
-    dtype, device = model_placement(args)
+    dtype, device = model_placement(args)  # bad flags fail before any model loads
     rows, waves = _requests(args)
     from rba_core.weights.prepare import resolve_model_dir
 

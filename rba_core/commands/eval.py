@@ -99,11 +99,11 @@ def run(args: argparse.Namespace) -> int:
     from rba_core.eval.systems import ModelPaths
     from rba_core.weights.prepare import DEFAULT_ENCODER, DEFAULT_LLM, resolve_model_dir
 
+    if args.max_new_tokens is None:
+        args.max_new_tokens = MAX_NEW_TOKENS[args.suite]
     dtype, device = model_placement(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = MAX_NEW_TOKENS[args.suite]
     # Stop ids are filled in from the tokenizer once it is loaded.
     sampling = sampling_from_args(args, ())
     systems = ([SystemSpec("teacher (text)", teacher=True)] if args.teacher_text else [])

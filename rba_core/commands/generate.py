@@ -36,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from rba_core.weights.safetensors_io import CONFIG_NAME, read_config
 
     # Bad flags, and a prompt the model cannot take, fail before any weights load.
-    sampling_from_args(args, ())
     dtype, device = model_placement(args)
     folder = resolve_model_dir(args.model, DEFAULT_LLM, "--model")
     model_type = read_config(folder).get("model_type")

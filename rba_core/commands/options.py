@@ -22,10 +22,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def model_placement(args: argparse.Namespace) -> "tuple[torch.dtype, torch.device]":
-    """The checked (dtype, device) of ``add_model_flags``' flags; errors name the flag."""
+    """The checked (dtype, device) of ``add_model_flags``' flags; errors name the flag. The
+    sampling flags are checked too (without stop ids), so a bad flag fails before any model
+    loads."""
     from rba_core.devices import parse_device
     from rba_core.dtypes import parse_dtype
 
+    sampling_from_args(args, ())
     return parse_dtype(args.dtype, "--dtype"), parse_device(args.device, "--device")
 
 
