@@ -61,6 +61,7 @@ setup(
         "rba_core.commands",
         "rba_core.eval",
         "rba_core.eval.suites",
+        "rba_core.integrations",
         "rba_core.weights.convert",
         "rba_core.kernels",
         "rba_core.models",
@@ -90,8 +91,15 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        # matplotlib draws the training curves; the tests check the PNG is written.
-        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ninja", "matplotlib"],
+        # matplotlib draws the training curves; the tests check the PNG is written. TRL (and
+        # peft, for a LoRA case) runs tests/integrations against rba's TRL trainers; with its
+        # accelerate and datasets TRL brings pandas and pyarrow (~290 MB installed, most of it
+        # pyarrow's 170 MB).
+        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ninja", "matplotlib",
+                 "trl>=1.16,<1.17", "peft"],
+        # rba_core.integrations.trl: the TRL releases whose trainer internals it overrides
+        # (the module refuses others on import with the same range).
+        "trl": ["trl>=1.16,<1.17"],
         "plot": ["matplotlib"],
         # rba eval: IFEval's checker imports nltk, langdetect and immutabledict; jiwer scores
         # the repeat check; matplotlib draws results.png. The benchmark data packages
