@@ -6,8 +6,18 @@
 
 Ops: per-token log-probs, the GRPO policy loss, and distillation (forward KL, reverse KL, JSD).
 Peers: eager PyTorch (full [N, V] logits), torch.compile of that same eager code, and
-Liger-Kernel's fused linear ops where they exist (CUDA only). The rba op runs with
-backend="auto": the native C++ op on CPU, Triton on CUDA.
+Liger-Kernel (0.8). Liger's chunked losses are plain PyTorch (torch.compile'd, its default) and
+run on the CPU too: LigerFusedLinearGRPOLoss for the policy loss and LigerFusedLinearJSDLoss for
+distillation (its beta 0 is the forward KL, 1 the reverse KL, 0.5 the JSD, as rba's; hard-label
+weight 0). Its Triton ops (fused linear cross entropy for log-probs, LigerFusedLinearJSD for the
+JSD on CUDA) are n/a on the CPU. The rba op runs with backend="auto": the native C++ op on CPU,
+Triton on CUDA.
+
+Both sides of the policy loss compute one loss from the same tensors: hidden [B, T, D] with
+B = 4 sequences of T = N / 4 tokens (the last T / 8 of each masked out), per-sequence advantages
+[B] (Liger's input; rba broadcasts them over each sequence's tokens), old and reference
+log-probs [B, T], GRPO normalisation (each sequence's mean, then the mean over sequences),
+clip eps 0.2, k3 KL at beta 0.04. Liger processes one sequence per chunk (its chunk_size=1).
 
 Every measurement runs in a fresh subprocess so no peer inherits another's allocations or
 compiled code. The subprocess builds the inputs, runs one untimed warm-up step (compiling and
@@ -112,6 +122,8 @@ def _build_step(spec: Spec) -> tuple[Callable[[], None], list]:
             def step():
                 (fused_linear_logprobs(h, w, ids) * g).sum().backward()
         elif spec.peer == "liger":
+            if spec.device != "cuda":
+                raise _NotApplicable("n/a on CPU (Triton-only)")
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             ce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
@@ -172,9 +184,7 @@ def _build_step(spec: Spec) -> tuple[Callable[[], None], list]:
         def step():
             fused_linear_distill_loss(h, w, ht, wt, kind=kind, jsd_beta=0.5,
                                       temperature=1.0).backward()
-    elif spec.peer == "liger":
-        if kind != "jsd":
-            raise _NotApplicable(f"no Liger fused linear {kind} op")
+    elif spec.peer == "liger" and kind == "jsd" and spec.device == "cuda":
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         # beta = 0.5 is symmetric, so Liger's and rba's beta conventions agree here.
@@ -182,6 +192,16 @@ def _build_step(spec: Spec) -> tuple[Callable[[], None], list]:
 
         def step():
             jsd(h, w, ht, wt).backward()
+    elif spec.peer == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}[kind]
+        # Soft loss alone (no hard-label cross entropy), averaged over the N tokens like rba's.
+        divergence = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                             beta=beta, temperature=1.0)
+
+        def step():
+            divergence(h, w, ht, wt, ids).backward()
     else:
         fn = _eager_distill
         if spec.peer == "compile":
@@ -299,9 +319,7 @@ def _run_worker(spec, timeout: float, mmap_all: bool) -> dict:
 # Driver.
 
 
-def _liger_status(device: str) -> Optional[str]:
-    if device != "cuda":
-        return "n/a (needs CUDA)"
+def _liger_status() -> Optional[str]:
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
@@ -350,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = set(ops) - set(OPS)
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
-    liger_na = _liger_status(device)
+    liger_na = _liger_status()
     if device == "cpu":
         from rba_core.kernels import native
 

@@ -2,9 +2,9 @@
 
     python -m pytest bench/test_bench_kernels.py --benchmark-columns=min,median,rounds
 
-Each (op, peer) pair times one training step on CPU tensors; the rba runs also check that their
-gradients agree with eager PyTorch, so a fast but wrong kernel cannot pass. The full-size table
-with memory ratios comes from bench/kernels.py.
+Each (op, peer) pair times one training step on CPU tensors; the rba and Liger runs also check
+that their gradients agree with eager PyTorch, so a fast but wrong kernel (or a peer computing
+another loss) cannot pass. The full-size table with memory ratios comes from bench/kernels.py.
 """
 import importlib.util
 import sys
@@ -36,15 +36,22 @@ def _step(op: str, peer: str):
     return run, leaves
 
 
-@pytest.mark.parametrize("peer", ["rba", "eager"])
-@pytest.mark.parametrize("op", bench_kernels.OPS)
+# Liger's chunked losses run on the CPU; its log-prob peer (fused cross entropy) is Triton-only.
+CASES = [(op, peer) for op in bench_kernels.OPS for peer in ("rba", "eager")] + [
+    (op, "liger") for op in bench_kernels.OPS if op != "logprobs"]
+
+
+@pytest.mark.parametrize("op, peer", CASES)
 def test_fused_linear_fwd_bwd(benchmark, op, peer):
+    if peer == "liger":
+        pytest.importorskip("liger_kernel")
     benchmark.group = op
     run, leaves = _step(op, peer)
     benchmark(run)
     grads = [leaf.grad for leaf in leaves]
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
-    if peer == "rba":
+    # rba's and Liger's rows must compute the eager loss, or their ratios compare nothing.
+    if peer in ("rba", "liger"):
         eager_run, eager_leaves = _step(op, "eager")
         eager_run()
         for mine, ref in zip(grads, (leaf.grad for leaf in eager_leaves)):
