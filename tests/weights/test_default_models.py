@@ -167,6 +167,24 @@ def test_smollm2_greedy_reply_names_paris(smollm2):
 
 
 @pytest.mark.slow
+def test_smollm2_greedy_through_the_one_decode_path_equals_transformers(smollm2):
+    """`rba generate`, chat, synthesis and evaluation decode through the rollout engine: on the
+    real model its greedy reply is transformers' token for token."""
+    from rba_core.models.llama import LlamaForCausalLM
+    from rba_core.rollout import SamplingConfig, generate
+
+    folder, tokenizer, reference, prompt = smollm2
+    with torch.no_grad():
+        expected = reference.generate(prompt, max_new_tokens=24, do_sample=False,
+                                      eos_token_id=tokenizer.stop_ids,
+                                      pad_token_id=tokenizer.eos_id)[0, prompt.shape[1]:]
+    ours = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    got = generate(ours, [prompt[0].tolist()], SamplingConfig(
+        temperature=0.0, max_new_tokens=24, stop_ids=tuple(tokenizer.stop_ids)))[0]
+    assert got == expected.tolist()
+
+
+@pytest.mark.slow
 def test_smollm2_answer_is_likely(smollm2):
     """With Q/K un-permuted the model is confident in the right answer (mean NLL about 0.3 per
     token; with llama.cpp's layout left in place it is several times higher)."""
