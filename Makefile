@@ -59,7 +59,9 @@ demo: install
 	rba chat --data $(DEMO_DIR)/data --adapter $(DEMO_DIR)/rba/adapter --limit 4 --max-new-tokens 48
 
 test: install
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+	# PYTHONSAFEPATH: the checkout's root stays off sys.path, so its kernels/ folder (installed
+	# as rba_core.kernels) cannot shadow a PyPI package of that name that a dependency imports.
+	TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: install
 	$(PIP) install --quiet --no-build-isolation -e '.[test,piper,bench]'

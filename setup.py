@@ -95,7 +95,9 @@ setup(
         # peft, for a LoRA case) runs tests/integrations against rba's TRL trainers; with its
         # accelerate and datasets TRL brings pandas and pyarrow (~290 MB installed, most of it
         # pyarrow's 170 MB).
-        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45", "ninja", "matplotlib",
+        # transformers stops below 5.25, which imports a PyPI package named `kernels`: run from
+        # a checkout, the repository's own kernels/ folder would stand in for it.
+        "test": ["pytest>=8", "pytest-benchmark", "transformers>=4.45,<5.25", "ninja", "matplotlib",
                  "trl>=1.16,<1.17", "peft"],
         # rba_core.integrations.trl: the TRL releases whose trainer internals it overrides
         # (the module refuses others on import with the same range).
@@ -113,7 +115,7 @@ setup(
         # bench/rl_step.py's peer: TRL's GRPOTrainer, with its accelerate and datasets, pinned
         # as measured. They accept the CPU torch already installed (accelerate asks
         # torch>=2.6), so installing the extra pulls no other torch.
-        "bench": ["pytest-benchmark", "transformers>=4.45", "liger-kernel", "trl==1.16.0",
+        "bench": ["pytest-benchmark", "transformers>=4.45,<5.25", "liger-kernel", "trl==1.16.0",
                   "accelerate==1.16.0", "datasets==5.2.0"],
     },
     entry_points={"console_scripts": ["rba=rba_core.cli:main"]},
