@@ -38,7 +38,7 @@ class RbaGKDTrainer(GKDTrainer):
             _refuse_if(bound.get(option) is not None, name, option,
                        "the fused loss produces no logits to hand it")
         super().__init__(*args, **kwargs)
-        _check_teacher_and_student(name, self, self.model, self.teacher_model)
+        _check_teacher_and_student(name, self)
         self._forward_redirection = _ForwardRedirection()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

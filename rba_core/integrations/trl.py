@@ -333,12 +333,12 @@ def _distill_sum(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             **_divergence(beta))
 
 
-def _check_teacher_and_student(trainer: str, built: Trainer, student: torch.nn.Module,
-                              teacher: torch.nn.Module | None) -> None:
-    _refuse_if(teacher is None, trainer, "a trainer without teacher_model",
+def _check_teacher_and_student(trainer: str, built: Trainer) -> None:
+    _refuse_if(built.teacher_model is None, trainer, "a trainer without teacher_model",
                "the loss reads the teacher's hidden states and LM head")
-    _check_model(trainer, student, "student", bias_ok=False)
-    _check_model(trainer, teacher, "teacher", bias_ok=False)
+    _check_model(trainer, built.model, "student", bias_ok=False)
+    _check_model(trainer, built.accelerator.unwrap_model(built.teacher_model), "teacher",
+                 bias_ok=False)
     _check_distributed(trainer, built)
 
 
@@ -358,7 +358,7 @@ class RbaDistillationTrainer(trl.DistillationTrainer):
         name = type(self).__name__
         _refuse_if(self._is_vlm, name, "vision-language models",
                    "the loss runs the text backbone alone")
-        _check_teacher_and_student(name, self, self.model, self.teacher_model)
+        _check_teacher_and_student(name, self)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """TRL's contract: (loss, the student's entropy summed over the tokens, their count)."""

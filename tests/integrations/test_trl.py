@@ -182,6 +182,17 @@ def test_grpo_with_a_lora_adapter_equals_trls(folders, tokenizer, tmp_path, beta
     assert_same((ours[0], lora[0], ours[2]), (theirs[0], lora[1], theirs[2]))
 
 
+def test_grpo_tool_mask_equals_trls(folders, tokenizer, tmp_path):
+    """Tool-call tokens (tool_mask 0) are scored but left out of the loss, as in TRL."""
+    config = dict(loss_type="dapo", beta=0.04)
+    theirs = grpo(GRPOTrainer, folders[0], tokenizer, tmp_path, **config)
+    ours = grpo(RbaGRPOTrainer, folders[0], tokenizer, tmp_path, **config)
+    inputs = prepared_batch(theirs, old=True, ref=True)
+    inputs["tool_mask"] = torch.ones(B, C, dtype=torch.long)
+    inputs["tool_mask"][0, 2:4] = inputs["tool_mask"][2, 1] = 0
+    assert_same(loss_grads_metrics(ours, inputs), loss_grads_metrics(theirs, inputs))
+
+
 class _Forbidden:
     """Stands in for TRL's logits-producing loss kernels while an rba-backed trainer runs."""
 
@@ -266,6 +277,8 @@ def distillation_batch(with_count: bool) -> dict:
               "completion_mask": completion_mask}
     if with_count:
         inputs["num_items_in_batch"] = completion_mask.sum().float() * 3
+        inputs["tool_mask"] = torch.ones(B, C, dtype=torch.long)
+        inputs["tool_mask"][0, 1:3] = 0
     return inputs
 
 
@@ -275,7 +288,7 @@ DISTILL_CASES = [dict(beta=beta) for beta in (0.0, 0.3, 0.5, 1.0)] + [
 
 @pytest.mark.parametrize("config", DISTILL_CASES, ids=lambda c: "-".join(f"{k}={v}"
                                                                          for k, v in c.items()))
-@pytest.mark.parametrize("with_count", [False, True], ids=["local_mean", "num_items"])
+@pytest.mark.parametrize("with_count", [False, True], ids=["local_mean", "num_items+tool_mask"])
 def test_distillation_loss_gradients_and_entropy_equal_trls(folders, tokenizer, tmp_path, config,
                                                            with_count):
     inputs = distillation_batch(with_count)
