@@ -71,3 +71,4 @@ bench: install
 	$(PYTHON) bench/synth.py
 	$(PYTHON) bench/train.py
 	$(PYTHON) bench/rl_step.py --threads 1
+	$(PYTHON) bench/trl_backend.py --threads 1
