@@ -168,9 +168,9 @@ class RbaGRPOTrainer(trl.GRPOTrainer):
     clip_ratio/{low_mean, low_min, high_mean, high_max, region_mean}, and policy_loss /
     entropy_coef with an entropy bonus. Refused with UnsupportedOption: the other loss types,
     sequence-level importance sampling, delta, top_entropy_quantile < 1, adaptive entropy,
-    off_policy_mask_threshold, vLLM importance-sampling correction,
-    use_liger_kernel, MoE router auxiliary losses, vision-language models, soft-capped or scaled
-    logits, FSDP and DeepSpeed ZeRO-3.
+    off_policy_mask_threshold, vLLM importance-sampling correction, use_liger_kernel, MoE
+    router auxiliary losses, vision-language models, soft-capped or scaled logits, FSDP and
+    DeepSpeed ZeRO-3.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -219,12 +219,9 @@ class RbaGRPOTrainer(trl.GRPOTrainer):
         # Through the wrapper's forward, so DDP prepares its gradient reduction; the metrics'
         # collectives run after it returns.
         unwrapped = self.accelerator.unwrap_model(model)
-        loss, policy_loss, ratio, kl, entropy = self._forward_redirection(
+        loss, policy_loss, ratio, kl, entropy, mask = self._forward_redirection(
             model, unwrapped, self._policy_loss, unwrapped, inputs)
         mode = "train" if self.model.training else "eval"
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
         if self._entropy_bonus_enabled:
             self._metrics[mode]["policy_loss"].append(
                 self.accelerator.gather(policy_loss).nanmean().item())
@@ -235,7 +232,7 @@ class RbaGRPOTrainer(trl.GRPOTrainer):
 
     def _policy_loss(self, unwrapped, inputs):
         """(loss as TRL's _compute_loss returns it, the policy term before accumulation scaling,
-        ratio, kl or None, entropy), from the hidden states and the LM head."""
+        ratio, kl or None, entropy, the loss mask), from the hidden states and the LM head."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
@@ -251,8 +248,8 @@ class RbaGRPOTrainer(trl.GRPOTrainer):
                 inputs.get("old_per_token_logps"),
                 inputs["ref_per_token_logps"] if self.beta != 0.0 else None, mask.bool(),
                 beta=self.beta, kl_estimator="k3", kl_ratio=self.args.use_bias_correction_kl,
-                clip_eps_low=self.epsilon_low,
-                clip_eps_high=self.epsilon_high, loss_type=_KERNEL_LOSS_TYPES[self.loss_type],
+                clip_eps_low=self.epsilon_low, clip_eps_high=self.epsilon_high,
+                loss_type=_KERNEL_LOSS_TYPES[self.loss_type],
                 max_length=self.max_completion_length if self.loss_type == "dr_grpo" else None,
                 temperature=self.temperature, bias=head.bias, return_entropy=True)
         mode = "train" if self.model.training else "eval"
@@ -275,7 +272,7 @@ class RbaGRPOTrainer(trl.GRPOTrainer):
             # TRL's bonus: the mean entropy over the active tokens, whatever the loss type.
             bonus = (entropy * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
             loss = loss - self.entropy_coef * bonus
-        return loss, policy_loss, stats.ratio, stats.kl, entropy.detach()
+        return loss, policy_loss, stats.ratio, stats.kl, entropy.detach(), mask
 
     def _log_policy_metrics(self, mode: str, mask: torch.Tensor, advantages: torch.Tensor,
                             ratio: torch.Tensor, kl: torch.Tensor | None,
