@@ -10,12 +10,13 @@ LENGTHS = (6, 5, 3, 0)  # a row without tokens: grpo still counts it as a sequen
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
 
-def make_inputs(per_row_advantages=False):
+def make_inputs(per_row_advantages=False, temperature=1.0):
     hidden = torch.randn(N, T, D)
     weight = torch.randn(V, D) / D ** 0.5
     mask = torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]
     tokens = torch.randint(0, V, (N, T)).masked_fill(~mask, -100)
-    logp = reference_logp(hidden.double(), weight.double(), tokens, 1.0)
+    # At the loss's temperature, so the forced ratios below are the ones the loss sees.
+    logp = reference_logp(hidden.double(), weight.double(), tokens, temperature)
     old = logp + 0.3 * torch.randn(N, T, dtype=torch.float64)
     ref = logp + 0.5 * torch.randn(N, T, dtype=torch.float64)
     adv = torch.randn(N) if per_row_advantages else torch.randn(N, T)
@@ -121,7 +122,7 @@ def test_k1_k2_estimators(kl_estimator):
 
 
 def test_per_row_advantages_temperature_and_entropy_bonus():
-    inputs = make_inputs(per_row_advantages=True)
+    inputs = make_inputs(per_row_advantages=True, temperature=0.7)
     check_against_reference(inputs, beta=0.05, loss_type="grpo", temperature=0.7,
                             entropy_coef=0.01)
 
