@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,20 +44,13 @@ from pathlib import Path
 # step import the reward below as "rl_step:reward_fn" without executing the file twice.
 sys.modules.setdefault("rl_step", sys.modules[__name__])
 
-PROMPT = ("Explain in a few sentences why the sky is blue, and give one everyday example of "
-          "the same effect.")
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-REPO = Path(__file__).resolve().parents[1]
+from sides import (  # noqa: E402 (bench/sides.py, beside this script)
+    PROMPT, THREAD_ENV, completion_texts, cpu_seconds, distinct_word_ratio, peak_rss_mib,
+    run_side, timed, trl_step_timer,
+)
 
 
 # ---------------------------------------------------------------------------- the reward
-def distinct_word_ratio(text: str) -> float:
-    """The shared reward: distinct words / words (0 for an empty answer). Cheap and
-    deterministic, so neither side's step time depends on a reward model."""
-    words = text.lower().split()
-    return len(set(words)) / len(words) if words else 0.0
-
-
 def reward_fn(rows, responses, group):
     """rba's external reward signature (rows, decoded responses, group index)."""
     return [distinct_word_ratio(text) for text in responses]
@@ -66,26 +58,16 @@ def reward_fn(rows, responses, group):
 
 def trl_reward(completions, **kwargs):
     """TRL's reward signature; conversational prompts give completions as message lists."""
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [distinct_word_ratio(text) for text in texts]
+    return [distinct_word_ratio(text) for text in completion_texts(completions)]
 
 
 # ---------------------------------------------------------------------------- helpers
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def current_rss_mib() -> float:
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def llm_folder(given: str | None) -> Path:
@@ -163,28 +145,20 @@ def side_trl(args) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     folder = llm_folder(args.model)
     records: list[dict] = []
     phase: dict[str, float] = {}
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, targs, state, control, **kwargs):
-            phase.clear()
-            phase["wall"], phase["cpu"] = time.perf_counter(), cpu_seconds()
-
-        def on_step_end(self, targs, state, control, **kwargs):
-            total = time.perf_counter() - phase["wall"]
-            records.append({
-                "step_s": total, "cpu_s": cpu_seconds() - phase["cpu"],
-                "rollout_s": phase.get("generate", 0.0),
-                "scoring_s": phase.get("prepare", 0.0) - phase.get("generate", 0.0),
-                "update_s": total - phase.get("prepare", 0.0),
-                "tokens": phase.get("tokens", 0.0)})
-            print(f"trl beta={args.beta} gc={args.trl_gc} step {len(records)}: {total:.2f} s",
-                  file=sys.stderr, flush=True)
+    def on_step(total: float, cpu: float) -> None:
+        records.append({
+            "step_s": total, "cpu_s": cpu, "rollout_s": phase.get("generate", 0.0),
+            "scoring_s": phase.get("prepare", 0.0) - phase.get("generate", 0.0),
+            "update_s": total - phase.get("prepare", 0.0), "tokens": phase.get("tokens", 0.0)})
+        print(f"trl beta={args.beta} gc={args.trl_gc} step {len(records)}: {total:.2f} s",
+              file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
@@ -205,30 +179,21 @@ def side_trl(args) -> dict:
             [{"prompt": [{"role": "user", "content": PROMPT}]}] * args.steps)
         trainer = GRPOTrainer(model=str(folder), reward_funcs=trl_reward, args=config,
                               train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[StepTimer()])
+                              callbacks=[trl_step_timer(phase, on_step)])
         torch.set_num_threads(args.threads)  # in case anything above changed it
 
         # The step's parts: generation (HF generate of G copies of the prompt, plus decoding),
         # then the rest of _generate_and_score_completions (reference log-probs, rewards,
         # advantages); what remains of the step is the loss forward, backward and optimizer.
-        generate = trainer._generate
-        prepare = trainer._generate_and_score_completions
+        prepare = timed(phase, "prepare", trainer._generate_and_score_completions)
 
-        def timed_generate(*a, **k):
-            start = time.perf_counter()
-            result = generate(*a, **k)
-            phase["generate"] = phase.get("generate", 0.0) + time.perf_counter() - start
-            return result
-
-        def timed_prepare(*a, **k):
-            start = time.perf_counter()
+        def counted_prepare(*a, **k):
             result = prepare(*a, **k)
-            phase["prepare"] = phase.get("prepare", 0.0) + time.perf_counter() - start
             phase["tokens"] = float(result["completion_mask"].sum())
             return result
 
-        trainer._generate = timed_generate
-        trainer._generate_and_score_completions = timed_prepare
+        trainer._generate = timed(phase, "generate", trainer._generate)
+        trainer._generate_and_score_completions = counted_prepare
         prompt_tokens = len(tokenizer.apply_chat_template(
             [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True,
             return_dict=False))
@@ -291,26 +256,15 @@ def child(args) -> int:
 
 # ---------------------------------------------------------------------------- driver
 def run_child(args, side: str, **extra) -> dict:
-    env = dict(os.environ)
-    for name in THREAD_ENV:
-        env[name] = str(args.threads)
-    cmd = [sys.executable, os.path.abspath(__file__), "--side", side,
-           "--threads", str(args.threads), "--steps", str(args.steps),
+    cmd = ["--side", side, "--threads", str(args.threads), "--steps", str(args.steps),
            "--group", str(args.group), "--new-tokens", str(args.new_tokens),
            "--loss-type", args.loss_type]
     if args.model:
         cmd += ["--model", args.model]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    label = " ".join(f"{k}={v}" for k, v in extra.items())
-    print(f"[{time.strftime('%H:%M:%S')}] {side} {label} (load {os.getloadavg()[0]:.1f})",
-          file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"bench/rl_step.py: the {side} child ({label}) failed with exit "
-                         f"status {proc.returncode}; its stderr is above")
-    result = json.loads(lines[-1])
+    label = " ".join([side, *(f"{k}={v}" for k, v in extra.items())])
+    result = run_side(__file__, cmd, threads=args.threads, label=label)
     result["summary"] = summarize(result["steps"])
     return result
 

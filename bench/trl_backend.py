@@ -29,31 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-PROMPT = ("Explain in a few sentences why the sky is blue, and give one everyday example of "
-          "the same effect.")
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-REPO = Path(__file__).resolve().parents[1]
+from sides import (  # bench/sides.py, beside this script
+    PROMPT, completion_texts, distinct_word_ratio, peak_rss_mib, run_side, timed, trl_step_timer,
+)
+
 SIDES = ("trl", "trl+liger", "liger", "rba")
 
 
-def distinct_word_ratio(completions, **kwargs) -> list[float]:
-    """The reward: distinct words / words, cheap and deterministic, so no side's step time
-    depends on a reward model."""
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [len(set(t.lower().split())) / max(len(t.split()), 1) for t in texts]
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def trl_reward(completions, **kwargs) -> list[float]:
+    """The one reward every side gets (TRL's reward signature)."""
+    return [distinct_word_ratio(text) for text in completion_texts(completions)]
 
 
 def trainer_class(side: str):
@@ -104,7 +94,7 @@ def child(args) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig
 
     from rba_core.weights.prepare import DEFAULT_LLM, resolve_model_dir
@@ -114,18 +104,10 @@ def child(args) -> dict:
     records: list[dict] = []
     phase: dict[str, float] = {}
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, targs, state, control, **kwargs):
-            phase.clear()
-            phase["wall"], phase["cpu"] = time.perf_counter(), cpu_seconds()
-
-        def on_step_end(self, targs, state, control, **kwargs):
-            total = time.perf_counter() - phase["wall"]
-            records.append({"step_s": total, "cpu_s": cpu_seconds() - phase["cpu"],
-                            "prepare_s": phase.get("prepare", 0.0),
-                            "update_s": total - phase.get("prepare", 0.0)})
-            print(f"{args.side} step {len(records)}: {total:.2f} s", file=sys.stderr,
-                  flush=True)
+    def on_step(total: float, cpu: float) -> None:
+        records.append({"step_s": total, "cpu_s": cpu, "prepare_s": phase.get("prepare", 0.0),
+                        "update_s": total - phase.get("prepare", 0.0)})
+        print(f"{args.side} step {len(records)}: {total:.2f} s", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
@@ -144,20 +126,14 @@ def child(args) -> dict:
                                     * args.steps)
         try:
             trainer = trainer_class(args.side)(
-                model=str(folder), reward_funcs=distinct_word_ratio, args=config,
-                train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
+                model=str(folder), reward_funcs=trl_reward, args=config,
+                train_dataset=dataset, processing_class=tokenizer,
+                callbacks=[trl_step_timer(phase, on_step)])
             torch.set_num_threads(args.threads)
             # Generation, rewards and the reference pass are _generate_and_score_completions;
             # what remains of a step is the loss forward and backward and the optimizer.
-            prepare = trainer._generate_and_score_completions
-
-            def timed_prepare(*a, **k):
-                start = time.perf_counter()
-                result = prepare(*a, **k)
-                phase["prepare"] = phase.get("prepare", 0.0) + time.perf_counter() - start
-                return result
-
-            trainer._generate_and_score_completions = timed_prepare
+            trainer._generate_and_score_completions = timed(
+                phase, "prepare", trainer._generate_and_score_completions)
             trainer.train()
         except (ImportError, RuntimeError) as exc:
             # TRL's Liger switch fails where its Triton kernels cannot run: that is its row.
@@ -166,26 +142,16 @@ def child(args) -> dict:
             return {"na": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}",
                     "trl_version": trl.__version__}
     return {"steps": records, "trl_version": trl.__version__, "threads": torch.get_num_threads(),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def run_child(args, side: str) -> dict:
-    env = dict(os.environ)
-    for name in THREAD_ENV:
-        env[name] = str(args.threads)
-    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--threads",
-           str(args.threads), "--steps", str(args.steps), "--beta", str(args.beta),
-           "--group", str(args.group), "--new-tokens", str(args.new_tokens)]
+    cmd = ["--side", side, "--threads", str(args.threads), "--steps", str(args.steps),
+           "--beta", str(args.beta), "--group", str(args.group), "--new-tokens",
+           str(args.new_tokens)]
     if args.model:
         cmd += ["--model", args.model]
-    print(f"[{time.strftime('%H:%M:%S')}] {side} (load {os.getloadavg()[0]:.1f})",
-          file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"bench/trl_backend.py: the {side} child failed with exit status "
-                         f"{proc.returncode}; its stderr is above")
-    result = json.loads(lines[-1])
+    result = run_side(__file__, cmd, threads=args.threads, label=side)
     if "steps" in result:
         steps = result["steps"][1:] or result["steps"]
         result["summary"] = {key: statistics.median(s[key] for s in steps)
