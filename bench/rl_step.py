@@ -45,8 +45,8 @@ from pathlib import Path
 sys.modules.setdefault("rl_step", sys.modules[__name__])
 
 from sides import (  # noqa: E402 (bench/sides.py, beside this script)
-    PROMPT, THREAD_ENV, completion_texts, cpu_seconds, distinct_word_ratio, peak_rss_mib,
-    run_side, timed, trl_step_timer,
+    PROMPT, THREAD_ENV, completion_texts, cpu_grpo_config, cpu_seconds, distinct_word_ratio,
+    peak_rss_mib, run_side, timed, trl_step_timer,
 )
 
 
@@ -146,7 +146,7 @@ def side_trl(args) -> dict:
     import trl
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     folder = llm_folder(args.model)
     records: list[dict] = []
@@ -161,19 +161,10 @@ def side_trl(args) -> dict:
               file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as out:
-        config = GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=False, fp16=False,
-            model_init_kwargs={"dtype": torch.float32},
-            per_device_train_batch_size=args.group, num_generations=args.group,
-            gradient_accumulation_steps=1, max_completion_length=args.new_tokens,
-            # EOS is suppressed until max_completion_length: every completion is that long.
-            generation_kwargs={"min_new_tokens": args.new_tokens},
-            temperature=1.0, top_k=0, top_p=1.0, beta=args.beta, loss_type=args.loss_type,
-            epsilon=0.2, epsilon_high=0.2, learning_rate=1e-6, weight_decay=0.0,
-            max_grad_norm=1.0, gradient_checkpointing=args.trl_gc == "on",
-            max_steps=args.steps, report_to="none", logging_strategy="no",
-            save_strategy="no", disable_tqdm=True, log_completions=False,
-            dataloader_num_workers=0, shuffle_dataset=False, seed=0)
+        config = cpu_grpo_config(
+            out, group=args.group, new_tokens=args.new_tokens, beta=args.beta,
+            steps=args.steps, loss_type=args.loss_type, epsilon_high=0.2,
+            gradient_checkpointing=args.trl_gc == "on")
         tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
         dataset = Dataset.from_list(
             [{"prompt": [{"role": "user", "content": PROMPT}]}] * args.steps)

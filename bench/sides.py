@@ -81,3 +81,26 @@ def timed(phase: dict[str, float], key: str, method):
         return result
 
     return wrapper
+
+
+def cpu_grpo_config(out: str, *, group: int, new_tokens: int, beta: float, steps: int,
+                    **options):
+    """TRL's GRPOConfig for one CPU float32 step per generation batch: ``group`` completions
+    of exactly ``new_tokens`` (EOS suppressed until then), temperature 1, no top-k / top-p,
+    clip 0.2, AdamW at lr 1e-6, gradient clipping at 1, nothing logged or saved; ``options``
+    add or override fields (loss type, gradient checkpointing, TRL's Liger switch, ...)."""
+    import torch
+    from trl import GRPOConfig
+
+    fields = dict(
+        output_dir=out, use_cpu=True, bf16=False, fp16=False,
+        model_init_kwargs={"dtype": torch.float32},
+        per_device_train_batch_size=group, num_generations=group,
+        gradient_accumulation_steps=1, max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": new_tokens},
+        temperature=1.0, top_k=0, top_p=1.0, beta=beta, loss_type="grpo", epsilon=0.2,
+        learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
+        report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
+        log_completions=False, dataloader_num_workers=0, shuffle_dataset=False, seed=0)
+    fields.update(options)
+    return GRPOConfig(**fields)

@@ -35,7 +35,8 @@ import tempfile
 import time
 
 from sides import (  # bench/sides.py, beside this script
-    PROMPT, completion_texts, distinct_word_ratio, peak_rss_mib, run_side, timed, trl_step_timer,
+    PROMPT, completion_texts, cpu_grpo_config, distinct_word_ratio, peak_rss_mib, run_side, timed,
+    trl_step_timer,
 )
 
 SIDES = ("trl", "trl+liger", "liger", "rba")
@@ -95,7 +96,6 @@ def child(args) -> dict:
     import trl
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOConfig
 
     from rba_core.weights.prepare import DEFAULT_LLM, resolve_model_dir
 
@@ -110,17 +110,9 @@ def child(args) -> dict:
         print(f"{args.side} step {len(records)}: {total:.2f} s", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as out:
-        config = GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=False, fp16=False,
-            model_init_kwargs={"dtype": torch.float32},
-            per_device_train_batch_size=args.group, num_generations=args.group,
-            gradient_accumulation_steps=1, max_completion_length=args.new_tokens,
-            generation_kwargs={"min_new_tokens": args.new_tokens},
-            temperature=1.0, top_k=0, top_p=1.0, beta=args.beta, loss_type="grpo",
-            epsilon=0.2, learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0,
-            use_liger_kernel=args.side == "trl+liger", max_steps=args.steps,
-            report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
-            log_completions=False, dataloader_num_workers=0, shuffle_dataset=False, seed=0)
+        config = cpu_grpo_config(out, group=args.group, new_tokens=args.new_tokens,
+                                 beta=args.beta, steps=args.steps,
+                                 use_liger_kernel=args.side == "trl+liger")
         tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
         dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": PROMPT}]}]
                                     * args.steps)
