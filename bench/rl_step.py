@@ -383,8 +383,8 @@ def main() -> int:
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |")
     print("rollout: sampling (rba: shared-prefix engine; TRL: HF generate of G prompt copies); "
-          "scoring: teacher + reference log-probs (rba always scores with the teacher, here the "
-          "policy itself; TRL only the reference); update: loss forward, backward, clip, AdamW. "
+          "scoring: the reference log-probs (and the teacher's when a reward reads them, which "
+          "this one does not); update: loss forward, backward, clip, AdamW. "
           "TRL's best setting per measure gives the ratios in the JSON.")
     if speech is not None:
         s = speech["summary"]
