@@ -4,6 +4,7 @@ hearing the audio with a named adapter, or with a fresh (untrained) one.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,16 +49,17 @@ def _batches(items: Sequence[Item], size: int) -> list[list[Item]]:
     return [list(items[i: i + size]) for i in range(0, len(items), size)]
 
 
-class System:
+class System(ABC):
     """Something that answers items: ``answer_ids`` gives new token ids per item (ending at the
     stop id when it stopped)."""
 
     name: str
 
+    @abstractmethod
     def answer_ids(self, items: Sequence[Item], sampling: "SamplingConfig", *,
                    prompt: str | None = None, batch_size: int = 8, seed: int = 0,
                    progress: Any = None) -> list[list[int]]:
-        raise NotImplementedError
+        """New token ids per item, in order."""
 
     def close(self) -> None:
         """Drop the model (the runner keeps one SpeechLM in memory at a time)."""

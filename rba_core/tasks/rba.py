@@ -18,8 +18,8 @@ scoring pass at the sampling temperature), so ``inner_epochs = 1`` costs no extr
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import hashlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -500,7 +500,7 @@ class RolloutUnits:
             first_unit = 0
 
 
-class RLTask:
+class RLTask(ABC):
     """The RL step as a ``TrainTask``: subclasses say how a raw batch becomes ``RLPrompts``
     (``prompts``) and where raw batches come from (``prompt_batches``)."""
 
@@ -512,11 +512,13 @@ class RLTask:
         self.saved_key: tuple[int, int] | None = None
         self.saved_experience: Experience | None = None
 
+    @abstractmethod
     def prompts(self, raw: Any) -> RLPrompts:
-        raise NotImplementedError
+        """A raw batch (a ``SpeechBatch``, a list of rows, ...) as the RL step's prompts."""
 
+    @abstractmethod
     def prompt_batches(self, epoch: int, rank: int, world_size: int, seed: int) -> Any:
-        raise NotImplementedError
+        """This rank's raw batches of one epoch, with ``len()`` and ``iter_from(n)``."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.trainable

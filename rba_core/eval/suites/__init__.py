@@ -7,6 +7,7 @@ system's answers to them.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ class Context:
     progress: bool
 
 
-class Suite:
+class Suite(ABC):
     """``items()`` loads the suite's items (left-out ones in ``left_out``, with why), and
     ``evaluate`` returns one record per item for a system: ``{"answer", "scores", ...}``."""
 
@@ -64,12 +65,14 @@ class Suite:
         self.description = ""
         self.left_out: list[dict[str, Any]] = []
 
+    @abstractmethod
     def items(self, tokenizer: "Tokenizer") -> list["Item"]:
-        raise NotImplementedError
+        """The suite's items; the ones it cannot use go to ``left_out`` with why."""
 
+    @abstractmethod
     def evaluate(self, system: "System", items: Sequence["Item"], context: Context
                  ) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """One record per item for ``system``: ``{"answer", "scores", ...}``."""
 
 
 def answer_texts(system: "System", items: Sequence["Item"], context: Context, *,
