@@ -4,8 +4,8 @@ A file is written to a temporary sibling, flushed and fsynced, then renamed over
 (``os.replace`` is atomic within a folder) and the folder is fsynced so the rename itself is
 durable: after a kill, or power loss, the target holds its old content or all of the new, never
 a mix. A folder is built the same way: in a temporary sibling whose files are all fsynced before
-it is renamed into place. Temporaries are named ``.NAME.XXXXXXXX.tmp`` so a later run can
-recognise (``is_temp_name``) and remove (``remove_stale_temps``) what a killed one left.
+it is renamed into place. Temporaries are named ``.NAME.<8 random characters>.tmp`` so a later
+run can recognise (``is_temp_name``) and remove (``remove_stale_temps``) what a killed one left.
 """
 from __future__ import annotations
 
