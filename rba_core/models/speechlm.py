@@ -248,7 +248,15 @@ class SpeechLM(nn.Module):
                            after_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """One unpadded prompt embedding ``[P_b, D]`` per clip (what the rollout engine takes:
         ``RolloutEngine.generate(rows, ...)``)."""
-        audio, audio_lengths = self.speech_embeddings(features, frame_lengths)
+        return self.frame_prompt_rows(*self.encode(features, frame_lengths), before_ids,
+                                      after_ids)
+
+    def frame_prompt_rows(self, frames: torch.Tensor, frame_lengths: torch.Tensor,
+                          before_ids: Sequence[Sequence[int]],
+                          after_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """``speech_prompt_rows`` from encoder frames already computed (a frozen encoder's
+        frames can serve several passes over the same clips)."""
+        audio, audio_lengths = self.adapt(frames, frame_lengths)
         return self._splice_rows(audio, audio_lengths, before_ids, after_ids)
 
     @staticmethod

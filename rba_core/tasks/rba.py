@@ -627,19 +627,31 @@ class TextRLTask(RLTask):
 class SpeechPrompts:
     """A ``SpeechBatch`` as RL prompts: the policy hears the clip spliced into its chat prompt
     (embeddings from the trainable adapter, recomputed per call), the teacher reads the
-    transcript chat."""
+    transcript chat. A frozen encoder's frames are computed once and serve every pass over
+    the batch (rollout, old / reference scoring, each minibatch update)."""
 
     speechlm: Any
     batch: Any
     teacher: list[torch.Tensor]
     rows: list[dict[str, Any]]
+    frames: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _frames(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch
+        if self.speechlm.train_encoder:
+            return self.speechlm.encode(b.features, b.frame_lengths)
+        if self.frames is None:
+            with torch.no_grad():
+                self.frames = self.speechlm.encode(b.features, b.frame_lengths)
+        return self.frames
 
     def policy(self, indices: Sequence[int]) -> list[torch.Tensor]:
         idx = list(indices)
         b = self.batch
-        pick = torch.as_tensor(idx, dtype=torch.long, device=b.features.device)
-        return self.speechlm.speech_prompt_rows(
-            b.features[pick], b.frame_lengths[pick], [b.prompt_before[i] for i in idx],
+        frames, lengths = self._frames()
+        pick = torch.as_tensor(idx, dtype=torch.long, device=frames.device)
+        return self.speechlm.frame_prompt_rows(
+            frames[pick], lengths[pick], [b.prompt_before[i] for i in idx],
             [b.prompt_after[i] for i in idx])
 
 
