@@ -94,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
                 barrier(info)
         if info.is_main:
             loss = result.last_metrics.get("loss")
+            if result.stopped_by_budget:
+                print(f"rba train: run.time_budget_minutes={config.run.time_budget_minutes:g} "
+                      f"spent ({result.train_seconds:.0f} s of steps) at step {result.step}",
+                      file=sys.stderr)
             print(f"rba train: {result.step} steps ({result.skipped_steps} skipped), last loss "
                   f"{loss if loss is None else f'{loss:.4f}'}; "
                   f"{_skipped_samples(result.skipped_samples)}; adapter in {adapter_dir}, "

@@ -101,6 +101,9 @@ class RunConfig:
     output_dir: str = "runs/train"
     max_steps: int = 0
     max_epochs: int = 1
+    # A wall-clock budget for the optimizer steps (0 = none), so that methods whose steps cost
+    # differently can be compared at equal compute; the LR schedule still spans max_steps.
+    time_budget_minutes: float = 0.0
     device: str = "auto"
     dtype: str = "auto"
     strategy: str = "ddp"
@@ -117,6 +120,8 @@ class RunConfig:
             invalid(f"{prefix}.output_dir", "a folder path", self.output_dir)
         check_at_least(f"{prefix}.max_steps", self.max_steps, 0)
         check_at_least(f"{prefix}.max_epochs", self.max_epochs, 0)
+        check_finite(f"{prefix}.time_budget_minutes", self.time_budget_minutes, 0.0,
+                     allowed="a number of minutes >= 0 (0 = no budget)")
         if self.max_steps == 0 and self.max_epochs == 0:
             invalid(f"{prefix}.max_steps / {prefix}.max_epochs",
                     "set so that at least one is > 0 (0 means no limit from that field)", 0)

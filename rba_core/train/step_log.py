@@ -30,6 +30,9 @@ class RunCounters:
     nonfinite_loss: int = 0
     nonfinite_grad: int = 0
     tokens_seen: float = 0.0
+    # Seconds spent in optimizer steps (set-up, checkpoints and evaluation excluded), summed
+    # over the run's processes in time: what ``run.time_budget_minutes`` is spent from.
+    train_seconds: float = 0.0
 
 
 class SkippedSamples:

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,9 @@ class TrainResult:
     checkpoint: Path | None
     last_metrics: dict[str, float] = field(default_factory=dict)
     skipped_samples: dict[str, int] = field(default_factory=dict)
+    # True when ``run.time_budget_minutes`` ended the run before max_steps / max_epochs.
+    stopped_by_budget: bool = False
+    train_seconds: float = 0.0
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -102,12 +106,16 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 _END = object()
 
+# The clock the time budget reads (a seam for tests).
+_step_clock = time.perf_counter
+
 # Restored with the optimizer's state, so a new value in the config would not take effect.
 _OPTIMIZER_STATE = ("lr", "betas", "eps", "weight_decay")
 # Settings a resumed run may change and stay the same run: how long it goes on, where it runs,
 # and how it reports and checkpoints.
 _RESUMABLE = frozenset(f"run.{name}" for name in (
-    "output_dir", "max_steps", "max_epochs", "device", "strategy", "log_every",
+    "output_dir", "max_steps", "max_epochs", "time_budget_minutes", "device", "strategy",
+    "log_every",
     "checkpoint_every", "keep_last", "resume", "tensorboard", "progress", "plot"))
 
 
@@ -286,7 +294,8 @@ class Trainer:
             skipped_steps=int(state.get("skipped_steps", 0)),
             nonfinite_loss=int(state.get("nonfinite_loss", 0)),
             nonfinite_grad=int(state.get("nonfinite_grad", 0)),
-            tokens_seen=float(state.get("tokens_seen", 0.0)))
+            tokens_seen=float(state.get("tokens_seen", 0.0)),
+            train_seconds=float(state.get("train_seconds", 0.0)))
         self.skipped.load_state_dict(state.get("skipped_samples", []))
         rng = ckpt.read_torch(folder, ckpt.RNG_NAME)
         return state, rng
@@ -452,16 +461,22 @@ class Trainer:
                       step=at.step, resumed=resumed_from is not None, skipped=self.skipped)
         last_path = resumed_from
         last_saved = at.step if resumed_from is not None else -1
+        budget_stop = False
         try:
             for group in self._step_groups(at, rng_states):
+                started = _step_clock()
                 record = self._optimizer_step(group, fsdp)
                 at.batch += len(group)
                 at.step += 1
                 record.update(self._task_step_end(at.step, record))
+                self.counters.train_seconds += _step_clock() - started
                 log.after_step(record, at.step, at.epoch, self.counters)
                 if run.checkpoint_every and at.step % run.checkpoint_every == 0:
                     last_path = self.save(at)
                     last_saved = at.step
+                if self._budget_spent():
+                    budget_stop = True
+                    break
             log.flush(at.step, at.epoch, self.counters)
             if last_saved != at.step and at.step > 0:
                 last_path = self.save(at)
@@ -475,7 +490,9 @@ class Trainer:
                            nonfinite_grad=self.counters.nonfinite_grad,
                            output_dir=self.output_dir, checkpoint=last_path,
                            last_metrics=log.last_record,
-                           skipped_samples=self.skipped.counts())
+                           skipped_samples=self.skipped.counts(),
+                           stopped_by_budget=budget_stop,
+                           train_seconds=self.counters.train_seconds)
 
     # -------------------------------------------------------------------- train()'s steps
     def _set_up(self) -> bool:
@@ -581,6 +598,20 @@ class Trainer:
             if next(iterator, _END) is _END:
                 break
         return iterator
+
+    def _budget_spent(self) -> bool:
+        """Whether ``run.time_budget_minutes`` of step time are spent. Ranks decide together
+        (the slowest one's clock), or one would stop while the others wait in a collective."""
+        budget = self.config.run.time_budget_minutes
+        if budget <= 0:
+            return False
+        spent = self.counters.train_seconds >= 60.0 * budget
+        if dd.min_over_ranks(0 if spent else 1, self.dist) == 1:
+            return False
+        if self.dist.is_main:
+            logger.info("run.time_budget_minutes=%g spent (%.0f s of steps): stopping",
+                        budget, self.counters.train_seconds)
+        return True
 
     def _task_step_end(self, step: int, record: dict[str, Any]) -> dict[str, float]:
         hook = getattr(self.task, "on_step_end", None)

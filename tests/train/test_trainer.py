@@ -83,6 +83,36 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert [r["loss"] for r in again] == [r["loss"] for r in whole]
 
 
+def test_time_budget_stops_the_run_and_a_resume_spends_what_is_left(tmp_path, monkeypatch):
+    # A fake clock: every optimizer step takes 10 s, so a 0.5-minute budget buys 3 steps.
+    import rba_core.train.trainer as trainer_module
+
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 10.0  # read at the start and at the end of each step
+        return now[0]
+
+    monkeypatch.setattr(trainer_module, "_step_clock", clock)
+    settings = ["run.max_steps=10", "run.time_budget_minutes=0.5", "run.checkpoint_every=0"]
+    result = Trainer(make_config(tmp_path / "run", *settings),
+                     ToyRegressionTask(samples=16, init_seed=1)).train()
+    assert (result.step, result.stopped_by_budget) == (3, True)
+    assert result.train_seconds == pytest.approx(30.0)
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000003"
+
+    # A larger budget on resume continues from the spent 30 s: 0.8 min = 48 s, 2 steps more.
+    resumed = Trainer(make_config(tmp_path / "run", "run.max_steps=10",
+                                  "run.time_budget_minutes=0.8", "run.checkpoint_every=0"),
+                      ToyRegressionTask(samples=16, init_seed=1)).train()
+    assert (resumed.step, resumed.stopped_by_budget) == (5, True)
+
+    # No budget: max_steps ends the run, and the result says so.
+    whole = Trainer(make_config(tmp_path / "whole", "run.max_steps=4", "run.checkpoint_every=0"),
+                    ToyRegressionTask(samples=16, init_seed=1)).train()
+    assert (whole.step, whole.stopped_by_budget) == (4, False)
+
+
 def test_without_resume_the_run_differs(tmp_path):
     # Guards the test above: restarting from scratch after the kill would not match.
     settings = ["run.max_steps=6", "run.checkpoint_every=0", "seed=3"]
@@ -203,6 +233,8 @@ def test_batch_weight_makes_accumulation_a_mean_over_the_whole_step(tmp_path):
     ("run.device=tpu", "run.device"),
     ("run.strategy=zero3", "run.strategy"),
     ("run.keep_last=0", "run.keep_last"),
+    ("run.time_budget_minutes=-1", "run.time_budget_minutes"),
+    ("run.time_budget_minutes=nan", "run.time_budget_minutes"),
     ("run.progress=maybe", "run.progress"),
     ("run.resume=/no/such/checkpoint", "run.resume"),
     ("seed=-1", "seed"),
