@@ -11,7 +11,7 @@ still installs and the ops fall back to PyTorch (or a just-in-time build) at run
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def native_extensions():
@@ -56,19 +56,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "rba_core",
-        "rba_core.commands",
-        "rba_core.eval",
-        "rba_core.eval.suites",
-        "rba_core.integrations",
-        "rba_core.weights.convert",
-        "rba_core.kernels",
-        "rba_core.models",
-        "rba_core.rollout",
-        "rba_core.synth",
-        "rba_core.train",
-    ],
+    # Every package under rba_core/ (a hand-kept list missed new subpackages, which an
+    # editable install hides and a wheel loses), plus kernels/ installed as rba_core.kernels.
+    packages=[*find_packages(include=["rba_core", "rba_core.*"]), "rba_core.kernels"],
     package_dir={"rba_core.kernels": "kernels"},
     package_data={
         "rba_core": ["assets/*", "assets/*/*"],
