@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 # Most new tokens per answer when --max-new-tokens is not given: the synth answers were written
-# with at most 48-64 tokens, NQ answers are short, and IFEval asks for essays of 300+ words.
-MAX_NEW_TOKENS = {"synth": 64, "nq": 32, "ifeval": 512}
+# with at most 48-64 tokens, NQ answers are short, IFEval asks for essays of 300+ words, and a
+# translation of `rba synth --task translate`'s sentences (at most 30 words) runs to about 70
+# SmolLM2 tokens in French (about 2 a word).
+MAX_NEW_TOKENS = {"synth": 64, "nq": 32, "ifeval": 512, "translate": 96}
 
 
 def _adapter(spec: str) -> tuple[str, Path]:
@@ -33,8 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Every system answers the same items of one suite: synth (a dataset split, "
                     "default the held-out one: teacher gap, chrF, BLEU, on topic, looping, "
                     "length, repeat WER, per TTS engine), ifeval (Google's 541 prompts and "
-                    "checker, spoken) or nq (Natural Questions open, spoken: exact match, F1, "
-                    "contains). Greedy unless sampling flags say otherwise; --max-new-tokens "
+                    "checker, spoken), nq (Natural Questions open, spoken: exact match, F1, "
+                    "contains) or translate (speech-to-text translation from an `rba synth "
+                    "--task translate` split or a JSON Lines file of source/reference pairs, "
+                    "spoken: BLEU, chrF, looping, length; bad lines are left out and counted). "
+                    "Greedy unless sampling flags say otherwise; --max-new-tokens "
                     "defaults to " + ", ".join(f"{k} {v}" for k, v in MAX_NEW_TOKENS.items())
                     + ". Writes OUT/results.md (also printed), OUT/results.json (every item's "
                     "prompt, answers and scores) and OUT/results.png; every two systems get a "
@@ -42,10 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "come from installed packages: `make eval-install`.",
     )
     parser.add_argument("--suite", required=True, choices=SUITES)
-    parser.add_argument("--data", metavar="DIR", type=Path, default=None,
-                        help="--suite synth: the dataset folder (`rba synth` layout)")
+    parser.add_argument("--data", metavar="DIR|FILE", type=Path, default=None,
+                        help="--suite synth: the dataset folder (`rba synth` layout); --suite "
+                             "translate: such a folder (`rba synth --task translate`) or a "
+                             'JSON Lines file of {"source", "reference"} pairs (optional "id", '
+                             '"target_language")')
     parser.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
-                        help="--suite synth: which rows (default: heldout)")
+                        help="--suite synth/translate with a folder: which rows "
+                             "(default: heldout)")
+    parser.add_argument("--target-language", default="French", metavar="LANG",
+                        help="--suite translate with a pairs file: the language of rows "
+                             "without \"target_language\" (default: French, as `rba synth`)")
     systems = parser.add_argument_group("systems (in this order in the table)")
     systems.add_argument("--teacher-text", action="store_true",
                          help="the teacher reading the text: the ceiling")
@@ -59,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the first N items in file order only (default: 0 = all)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where the results go (default: eval-SUITE)")
-    speech = parser.add_argument_group("spoken prompts (ifeval, nq)")
+    speech = parser.add_argument_group("spoken prompts (ifeval, nq, translate pairs files)")
     speech.add_argument("--engine", choices=("espeak", "piper"), default="espeak",
                         help="TTS engine (default: espeak)")
     speech.add_argument("--voices", type=_voices, default=(), metavar="V1,V2",
@@ -116,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     options = SuiteOptions(data=args.data, split=args.split, limit=args.limit,
                            engine=args.engine, voices=args.voices,
                            piper_voices=tuple(args.piper_voice), audio_cache=args.audio_cache,
-                           seed=args.seed, progress=not args.no_progress)
+                           seed=args.seed, progress=not args.no_progress,
+                           target_language=args.target_language)
     out = args.out or Path(f"eval-{args.suite}")
     config = EvalConfig(suite=args.suite, systems=systems, paths=paths, sampling=sampling,
                         options=options, out=out, batch_size=args.batch_size,

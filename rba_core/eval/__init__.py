@@ -5,6 +5,6 @@
 - ``ifeval`` / ``nq``: the public benchmarks' data and checkers, read from installed packages.
 - ``speech``: benchmark prompts spoken by rba's TTS in held-out voices, cached.
 - ``systems``: the teacher reading the text and the SpeechLM hearing the audio.
-- ``suites``: synth, ifeval and nq as items and per-item scores.
+- ``suites``: synth, ifeval, nq and translate as items and per-item scores.
 - ``report`` / ``run``: summaries, paired differences, the markdown, JSON and PNG; one run.
 """

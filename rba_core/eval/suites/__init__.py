@@ -4,6 +4,8 @@ system's answers to them.
 - ``synth``: a dataset split in the ``rba synth`` layout (default: the held-out split).
 - ``ifeval``: Google's 541 IFEval prompts and checker, spoken.
 - ``nq``: Natural Questions open (test, 1,769 questions), spoken.
+- ``translate``: speech-to-text translation, from an ``rba synth --task translate`` split or a
+  JSON Lines file of the user's own (source, reference) pairs, spoken.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from rba_core.models.llama import LlamaForCausalLM
     from rba_core.rollout import SamplingConfig
 
-SUITES = ("synth", "ifeval", "nq")
+SUITES = ("synth", "ifeval", "nq", "translate")
 
 
 @dataclass
@@ -38,6 +40,9 @@ class SuiteOptions:
     audio_cache: Path | None = None
     seed: int = 0
     progress: bool = True
+    # The language a pairs file's rows without "target_language" ask for (``rba synth``'s
+    # default, so a folder and a file of the same task read the same prompt).
+    target_language: str = "French"
 
 
 @dataclass
@@ -135,4 +140,8 @@ def make_suite(name: str, options: SuiteOptions) -> Suite:
         from rba_core.eval.suites.nq import NQSuite
 
         return NQSuite(options)
+    if name == "translate":
+        from rba_core.eval.suites.translate import TranslateSuite
+
+        return TranslateSuite(options)
     raise ConfigError(f"--suite must be one of {', '.join(SUITES)}, got {name!r}")

@@ -11,6 +11,8 @@ per-item WER weighted by the transcript's word count. Items are grouped by TTS e
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rba_core.data.prompts import teacher_messages, teacher_prompt_ids
 from rba_core.errors import ConfigError
 from rba_core.eval.answers import Answered, score_answers
@@ -19,6 +21,10 @@ from rba_core.eval.report import Metric
 from rba_core.eval.suites import Suite, answer_texts, first
 from rba_core.synth.recipes import READ_PROMPT
 from rba_core.synth.text import normalize_for_speech, words_of
+
+if TYPE_CHECKING:
+    from rba_core.data.tokenizer import Tokenizer
+    from rba_core.eval.systems import Item
 
 
 def _wer_words(text: str) -> list[str]:
@@ -49,30 +55,16 @@ class SynthSuite(Suite):
                Metric("repeat_wer", "repeat WER", False, percent=True, weight="repeat_words"))
 
     def items(self, tokenizer):
-        from rba_core.data.speech import SpeechDataset
-        from rba_core.eval.systems import Item
-
         options = self.options
         if options.data is None:
             raise ConfigError("--suite synth needs --data DIR (a folder written by `rba synth`)")
         require_module("jiwer", "jiwer", "the repeat check's word error rate")
-        # The training reader's checks (fields, paths inside the folder, durations up to
-        # Whisper's 30 s): a row training would skip is left out here too, and counted.
-        dataset = SpeechDataset(options.data, None if options.split == "all" else options.split,
-                                tokenizer)
-        for where, reason in dataset.skipped_rows:
-            self.left_out.append({"id": where, "reason": reason})
-        rows = first(dataset.rows, options.limit)
-        if len(rows) < 2:
-            raise ConfigError(f"{options.data}: split {options.split!r} has {len(rows)} usable "
+        items = split_items(self, tokenizer)
+        if len(items) < 2:
+            raise ConfigError(f"{options.data}: split {options.split!r} has {len(items)} usable "
                               "rows; the teacher gap compares each answer under its own and "
                               "another row's transcript, so it needs at least 2")
-        self.description = (f"split {options.split!r} of {options.data}, "
-                            f"{'first ' + str(len(rows)) if options.limit else 'all'} rows")
-        return [Item(str(row["id"]), row["instruction"], row.get("prompt", ""),
-                     dataset.root / row["audio"], _engine(row), {"reference": row["response"]},
-                     {"voice": row.get("voice"), "seconds": row.get("duration")})
-                for row in rows]
+        return items
 
     def evaluate(self, system, items, context):
         ids, texts = answer_texts(system, items, context)
@@ -91,6 +83,37 @@ class SynthSuite(Suite):
                             "scores": {**score.scores(), "repeat_wer": wer,
                                        "repeat_words": float(words)}})
         return records
+
+
+def split_items(suite: Suite, tokenizer: "Tokenizer", *, task: str | None = None
+                ) -> list["Item"]:
+    """The rows of ``--split`` of the ``rba synth`` folder ``--data`` as items (the first
+    ``--limit``), the reference y* in ``gold["reference"]``, grouped by TTS engine. Shared by
+    the synth and translate suites, so both read a folder the way training does; rows of
+    another ``task`` than ``task`` (when given) are left out as ``other_task``."""
+    from rba_core.data.speech import SpeechDataset
+    from rba_core.eval.systems import Item
+
+    options = suite.options
+    # The training reader's checks (fields, paths inside the folder, durations up to
+    # Whisper's 30 s): a row training would skip is left out here too, and counted.
+    dataset = SpeechDataset(options.data, None if options.split == "all" else options.split,
+                            tokenizer)
+    for where, reason in dataset.skipped_rows:
+        suite.left_out.append({"id": where, "reason": reason})
+    rows = []
+    for row in dataset.rows:
+        if task is not None and isinstance(row.get("task"), str) and row["task"] != task:
+            suite.left_out.append({"id": str(row["id"]), "reason": "other_task"})
+        else:
+            rows.append(row)
+    rows = first(rows, options.limit)
+    suite.description = (f"split {options.split!r} of {options.data}, "
+                         f"{'first ' + str(len(rows)) if options.limit else 'all'} rows")
+    return [Item(str(row["id"]), row["instruction"], row.get("prompt", ""),
+                 dataset.root / row["audio"], _engine(row), {"reference": row["response"]},
+                 {"voice": row.get("voice"), "seconds": row.get("duration")})
+            for row in rows]
 
 
 def _engine(row: dict) -> str:
