@@ -53,6 +53,9 @@ ADVANTAGE_KINDS = ("grpo", "rloo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 TOKEN_BASELINES = ("none", "group")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# The rewards that read the teacher's log-probs of the policy's token ids; the others score
+# decoded text (or call a function) and never touch the teacher.
+TEACHER_REWARDS = ("dense", "teacher_likelihood")
 
 
 @dataclass
@@ -144,6 +147,10 @@ class RBAConfig:
                               "is not set; name the callable as 'module:function'")
         self.reward_specs()  # imports the external callable: a typo fails now, not mid-run
 
+    def teacher_rewards(self) -> list[str]:
+        """The rewards switched on that score the policy's token ids under the teacher."""
+        return [name for name in TEACHER_REWARDS if getattr(self.rewards, name)]
+
     def reward_specs(self) -> list[RewardSpec]:
         specs = []
         for f in fields(self.rewards):
@@ -158,6 +165,51 @@ class RBAConfig:
         return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               max_new_tokens=self.max_new_tokens,
                               stop_ids=tuple(int(t) for t in stop_ids))
+
+
+def other_tokenizer_error(config: RBAConfig, detail: str, *, key: str = "model.teacher",
+                          prefix: str = "rba") -> ConfigError:
+    """The refusal of a teacher that cannot score the policy's token ids (``detail`` says why),
+    with the fixes that fit ``config``'s rewards. A teacher with another tokenizer is refused
+    even when only text rewards are on: they score against the references in the data, so the
+    run does not need it, and the held-out checks (``eval_every``) would score the policy's
+    ids under it. Its place is synthesis (``rba synth --teacher DIR`` writes plain text)."""
+    readers = config.teacher_rewards()
+    if readers:
+        on = " and ".join(f"{prefix}.rewards.{name}" for name in readers)
+        off = " ".join(f"{prefix}.rewards.{name}=0" for name in readers)
+        return ConfigError(
+            f"{key}: {detail}; with {on} on, the teacher scores the policy's token ids, so "
+            "the teacher and the policy must share one tokenizer. Fix: name a teacher with the "
+            f"policy LLM's tokenizer (its model family), leave {key} unset (the policy's own "
+            f"LLM reads the transcript), or set {off} and train on a text reward against the "
+            f"references that teacher wrote with `rba synth --teacher DIR` (e.g. "
+            f"{prefix}.rewards.chrf=1.0), with {key} unset")
+    return ConfigError(
+        f"{key}: {detail}; no reward on reads the teacher (the rewards on score the "
+        "decoded text, against the data's references), so this run does not need it, and one "
+        "with another tokenizer cannot score the policy's answers in the held-out checks. "
+        f"Fix: leave {key} unset (a teacher with another tokenizer belongs in `rba synth "
+        "--teacher DIR`), or name one with the policy LLM's tokenizer")
+
+
+def check_teacher(config: RBAConfig, policy_llm: nn.Module, teacher_llm: nn.Module,
+                  tokenizer: Any = None, teacher_tokenizer: Any = None, *,
+                  key: str = "model.teacher") -> None:
+    """Refuse a teacher that does not map every token to the policy's id: compared by the
+    tokenizers' vocabularies when both are given (a vocabulary of the same size with other
+    tokens is caught too), and always by the LM heads' rows."""
+    if tokenizer is not None and teacher_tokenizer is not None \
+            and not tokenizer.same_vocabulary(teacher_tokenizer):
+        raise other_tokenizer_error(
+            config, f"the teacher's tokenizer ({teacher_tokenizer.vocab_size} tokens) does not "
+            f"map tokens to the same ids as the policy's ({tokenizer.vocab_size} tokens)",
+            key=key)
+    rows, policy_rows = teacher_llm.lm_head_weight.shape[0], policy_llm.lm_head_weight.shape[0]
+    if rows != policy_rows:
+        raise other_tokenizer_error(
+            config, f"the teacher's vocabulary has {rows} rows and the policy's {policy_rows}",
+            key=key)
 
 
 class RLPrompts(Protocol):
@@ -246,19 +298,18 @@ class RLStep:
     while it scores). ``reference`` is needed when ``beta > 0``: ``ReferenceWeights`` (the
     trainable tensors at the start, swapped in to score: a SpeechLM's adapter), or, in text
     mode, a frozen copy of the policy LLM that scores the same token-id prompts.
-    ``decode`` turns token ids into text for text rewards and loop detection.
+    ``decode`` turns token ids into text for text rewards and loop detection. Another
+    teacher must share the policy's tokenizer (``check_teacher``); pass ``tokenizer`` and
+    ``teacher_tokenizer`` to compare their vocabularies, not only the LM heads' sizes.
     """
 
     def __init__(self, policy_llm: nn.Module, teacher_llm: nn.Module, config: RBAConfig, *,
                  stop_ids: Sequence[int], decode: Callable[[list[int]], str],
-                 reference: "ReferenceWeights | nn.Module | None" = None) -> None:
+                 reference: "ReferenceWeights | nn.Module | None" = None,
+                 tokenizer: Any = None, teacher_tokenizer: Any = None) -> None:
         config.validate()
-        if teacher_llm.lm_head_weight.shape[0] != policy_llm.lm_head_weight.shape[0]:
-            raise ConfigError(
-                f"the teacher's vocabulary has {teacher_llm.lm_head_weight.shape[0]} rows and "
-                f"the policy's {policy_llm.lm_head_weight.shape[0]}: the dense reward scores "
-                "the policy's token ids under the teacher, so they must share one tokenizer; "
-                "pick a teacher of the policy's family or leave the teacher unset")
+        if teacher_llm is not policy_llm:
+            check_teacher(config, policy_llm, teacher_llm, tokenizer, teacher_tokenizer)
         if config.beta > 0 and reference is None:
             raise ValueError("RLStep: beta > 0 needs reference= (ReferenceWeights of the "
                              "trainable tensors at the start of RL)")
@@ -271,8 +322,7 @@ class RLStep:
         self.specs = config.reward_specs()
         # Only the dense and teacher-likelihood rewards read the teacher's scores; a run
         # without them (e.g. GRPO on a task reward) skips that pass.
-        self.needs_teacher = any(spec.name in ("dense", "teacher_likelihood")
-                                 for spec in self.specs)
+        self.needs_teacher = bool(config.teacher_rewards())
         # When the decoder's own weights train (a full fine-tune), every update makes the
         # engine's packed decode copy stale: drop it after each rollout instead of holding a
         # second copy of the weights through the update.
@@ -720,15 +770,17 @@ class SpeechRLTask(RLTask):
         return {f"eval_{key}": value for key, value in report.summary().items()}
 
 
-def build_rl_step(speechlm: Any, config: RBAConfig, teacher: nn.Module | None = None) -> RLStep:
-    """The RL step of a SpeechLM: the teacher is its own LLM (LoRA off) unless given; the
-    reference is a copy of its trainable tensors now, kept only when beta > 0."""
+def build_rl_step(speechlm: Any, config: RBAConfig, teacher: nn.Module | None = None,
+                  teacher_tokenizer: Any = None) -> RLStep:
+    """The RL step of a SpeechLM: the teacher is its own LLM (LoRA off) unless given (with
+    its tokenizer, checked against the SpeechLM's); the reference is a copy of its trainable
+    tensors now, kept only when beta > 0."""
     tokenizer = speechlm.tokenizer
     reference = ReferenceWeights(speechlm.trainable_parameters()) if config.beta > 0 else None
     return RLStep(speechlm.llm, teacher if teacher is not None else speechlm.llm, config,
                   stop_ids=tokenizer.stop_ids,
                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                  reference=reference)
+                  reference=reference, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
 
 
 @dataclass
@@ -750,19 +802,40 @@ class RBATaskConfig(SpeechTaskConfig):
 
 def build_rba_task(config: RBATaskConfig, device: torch.device) -> SpeechRLTask:
     """The SpeechLM, its teacher (``model.teacher``, or its own LLM with LoRA off), the train
-    split and (for the periodic checks) the held-out split that ``config`` names."""
-    speechlm = load_speechlm(config.model, device)
-    teacher = None
+    split and (for the periodic checks) the held-out split that ``config`` names. A teacher
+    whose tokenizer differs from the LLM's is refused from the tokenizer files, before any
+    model loads."""
     if config.model.teacher is not None:
-        teacher, _ = speechlm.load_teacher(config.model.teacher)
-    dataset = load_dataset(config.data, speechlm)
+        _check_teacher_tokenizer(config)
+    speechlm = load_speechlm(config.model, device)
+    teacher = teacher_tokenizer = None
+    if config.model.teacher is not None:
+        teacher, teacher_tokenizer = speechlm.load_teacher(config.model.teacher)
+    dataset = load_dataset(config.data, speechlm, teacher_tokenizer=teacher_tokenizer)
     heldout = None
     if config.rba.eval_every:
-        heldout = load_dataset(replace(config.data, split="heldout"), speechlm)
+        heldout = load_dataset(replace(config.data, split="heldout"), speechlm,
+                               teacher_tokenizer=teacher_tokenizer)
         if len(heldout) == 0:
             raise ConfigError(f"rba.eval_every={config.rba.eval_every} answers the held-out "
                               f"split of {config.data.dir}, which has no rows; synthesize with "
                               "--heldout-fraction or set rba.eval_every=0")
     speechlm.train()
-    return SpeechRLTask(speechlm, dataset, build_rl_step(speechlm, config.rba, teacher),
+    return SpeechRLTask(speechlm, dataset,
+                        build_rl_step(speechlm, config.rba, teacher, teacher_tokenizer),
                         batch_size=config.data.batch_size, heldout=heldout)
+
+
+def _check_teacher_tokenizer(config: RBATaskConfig) -> None:
+    """``model.teacher``'s tokenizer against ``model.llm``'s, read from their folders: a
+    mismatch is a config error worth seconds, not one found after the models load."""
+    from rba_core.data.tokenizer import Tokenizer
+    from rba_core.weights.prepare import DEFAULT_LLM, resolve_model_dir
+
+    llm = Tokenizer.from_pretrained(resolve_model_dir(config.model.llm, DEFAULT_LLM,
+                                                      "model.llm"))
+    teacher = Tokenizer.from_pretrained(config.model.teacher)
+    if not llm.same_vocabulary(teacher):
+        raise other_tokenizer_error(
+            config.rba, f"{config.model.teacher}'s tokenizer ({teacher.vocab_size} tokens) "
+            f"does not map tokens to the same ids as model.llm's ({llm.vocab_size} tokens)")
