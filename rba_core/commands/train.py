@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
                 if facts["skipped_rows"]:
                     print(f"rba train: skipped manifest rows: {facts['skipped_rows']}",
                           file=sys.stderr)
+                if facts.get("augment"):
+                    print(f"rba train: augmenting the train clips ({facts['augment']})",
+                          file=sys.stderr)
             result = Trainer(config, task, dist_info=info).train()
             adapter_dir = result.output_dir / "adapter"
             # LoRA weights inside FSDP-sharded layers are gathered on every rank for the export.

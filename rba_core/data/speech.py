@@ -17,7 +17,7 @@ import math
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,8 @@ class SpeechBatch:
     ``[B]``; prompt_before / prompt_after: the student chat prompt's token ids before and after
     the audio, per row; teacher_prompt_ids: the transcript chat prompt per row (teacher's
     template); response_ids ``[B, R]`` right-padded with ``pad_id`` and response_mask ``[B, R]``
-    (bool, True at real tokens); ids and rows: the manifest rows.
+    (bool, True at real tokens); ids and rows: the manifest rows. ``augmented``: the clips went
+    through training's augmentation, so their features must not be cached as the clips' own.
     """
 
     ids: list[str]
@@ -73,6 +74,7 @@ class SpeechBatch:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     indices: list[int] = field(default_factory=list)
+    augmented: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -270,12 +272,20 @@ class SpeechDataset:
                                                                   teacher_chat),
                             response_ids=response)
 
-    def batch(self, indices: Sequence[int]) -> SpeechBatch | None:
-        """The collated batch of the loadable rows among ``indices`` (None if none loads)."""
+    def batch(self, indices: Sequence[int], *,
+              augment: Callable[[np.ndarray, str], np.ndarray] | None = None
+              ) -> SpeechBatch | None:
+        """The collated batch of the loadable rows among ``indices`` (None if none loads).
+        ``augment`` (training only: ``Augmenter.for_epoch``) maps each clip's wave and row id
+        to the wave to featurise; the loaded clip itself is left as it was."""
         samples = [s for s in (self.load(i) for i in indices) if s is not None]
         if not samples:
             return None
-        return collate(samples, n_mels=self.n_mels, pad_id=self.pad_id)
+        if augment is not None:
+            samples = [replace(s, wave=augment(s.wave, str(s.row["id"]))) for s in samples]
+        batch = collate(samples, n_mels=self.n_mels, pad_id=self.pad_id)
+        batch.augmented = augment is not None
+        return batch
 
     def batch_indices(self, batch_size: int, *, seed: int, epoch: int = 0,
                       window_batches: int = 32, shuffle: bool = True,

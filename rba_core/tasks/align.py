@@ -31,10 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from rba_core.errors import ConfigError
-from rba_core.tasks.speech import SpeechTask, SpeechTaskConfig, load_dataset, load_speechlm
+from rba_core.tasks.speech import (
+    SpeechTask, SpeechTaskConfig, load_augmenter, load_dataset, load_speechlm,
+)
 from rba_core.train.config import invalid
 
 if TYPE_CHECKING:
+    from rba_core.data.augment import Augmenter
     from rba_core.data.speech import SpeechBatch, SpeechDataset
     from rba_core.data.tokenizer import Tokenizer
     from rba_core.models.speechlm import SpeechLM
@@ -180,8 +183,9 @@ class SpeechAlignTask(SpeechTask):
     TASKS = AlignConfig.TASKS
 
     def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *,
-                 batch_size: int) -> None:
-        super().__init__(speechlm, dataset, task="align", batch_size=batch_size)
+                 batch_size: int, augment: "Augmenter | None" = None) -> None:
+        super().__init__(speechlm, dataset, task="align", batch_size=batch_size,
+                         augment=augment)
         # Every rank reads the same rows, so every rank builds the same vocabulary.
         self.transcripts = {str(row["id"]): transcript_ids(speechlm.tokenizer, row)
                             for row in dataset.rows}
@@ -198,8 +202,9 @@ class SpeechAlignTask(SpeechTask):
     def _encoder_frames(self, batch: "SpeechBatch") -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's encoder frames, from the cache when every clip has been encoded. A
         frozen encoder gives every clip the same frames each epoch, and on the CPU it costs
-        several times the rest of an alignment step."""
-        if self.speechlm.train_encoder:
+        several times the rest of an alignment step. Augmented clips differ each epoch: they
+        are encoded afresh and never cached (the cache holds the clips as recorded)."""
+        if self.speechlm.train_encoder or batch.augmented:
             return self.speechlm.encode(batch.features, batch.frame_lengths)
         if not all(i in self.encoder_cache for i in batch.ids):
             hidden, lengths = self.speechlm.encode(batch.features, batch.frame_lengths)
@@ -218,6 +223,8 @@ class SpeechAlignTask(SpeechTask):
 def build_align_task(config: AlignConfig, device: torch.device) -> SpeechAlignTask:
     """The SpeechLM and the dataset that ``config`` names, on ``device`` (no teacher: the
     targets are the LLM's own token embeddings)."""
+    # Before the models load: a missing augmentation package fails at once.
+    augment = load_augmenter(config.data)
     speechlm = load_speechlm(config.model, device)
     return SpeechAlignTask(speechlm, load_dataset(config.data, speechlm),
-                           batch_size=config.data.batch_size)
+                           batch_size=config.data.batch_size, augment=augment)

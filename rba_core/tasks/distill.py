@@ -21,10 +21,13 @@ import torch.nn.functional as F
 
 from rba_core.kernels.linear_distill import KINDS as KD_KINDS
 from rba_core.models.llama import LlamaForCausalLM
-from rba_core.tasks.speech import SpeechTask, SpeechTaskConfig, load_dataset, load_speechlm
+from rba_core.tasks.speech import (
+    SpeechTask, SpeechTaskConfig, load_augmenter, load_dataset, load_speechlm,
+)
 from rba_core.train.config import check_choice, check_finite
 
 if TYPE_CHECKING:
+    from rba_core.data.augment import Augmenter
     from rba_core.data.speech import SpeechBatch, SpeechDataset
     from rba_core.models.speechlm import SpeechLM
 
@@ -187,10 +190,11 @@ class SpeechDistillTask(SpeechTask):
 
     def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *, task: str,
                  batch_size: int, kd: KDConfig | None = None,
-                 teacher: LlamaForCausalLM | None = None, fused: bool = True) -> None:
+                 teacher: LlamaForCausalLM | None = None, fused: bool = True,
+                 augment: "Augmenter | None" = None) -> None:
         if task == "kd" and teacher is None:
             raise ValueError("task 'kd' needs a teacher LLM (SpeechLM.load_teacher())")
-        super().__init__(speechlm, dataset, task=task, batch_size=batch_size)
+        super().__init__(speechlm, dataset, task=task, batch_size=batch_size, augment=augment)
         self.kd = kd or KDConfig()
         self.teacher = teacher
         self.fused = fused
@@ -208,10 +212,13 @@ class SpeechDistillTask(SpeechTask):
 
 def build_distill_task(config: DistillConfig, device: torch.device) -> SpeechDistillTask:
     """The SpeechLM, its teacher (kd) and the dataset that ``config`` names, on ``device``."""
+    # Before the models load: a missing augmentation package fails at once.
+    augment = load_augmenter(config.data)
     speechlm = load_speechlm(config.model, device)
     teacher = teacher_tokenizer = None
     if config.task == "kd":
         teacher, teacher_tokenizer = speechlm.load_teacher(config.model.teacher)
     dataset = load_dataset(config.data, speechlm, teacher_tokenizer=teacher_tokenizer)
     return SpeechDistillTask(speechlm, dataset, task=config.task,
-                             batch_size=config.data.batch_size, kd=config.kd, teacher=teacher)
+                             batch_size=config.data.batch_size, kd=config.kd, teacher=teacher,
+                             augment=augment)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -43,9 +42,12 @@ from rba_core.rl import (
 )
 from rba_core.rollout import RolloutEngine, SamplingConfig, shared_prefix_hidden
 from rba_core.rollout.engine import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING
+# Re-exported: callers (bench/rl_step.py) import it from here.
+from rba_core.seeding import stable_seed  # noqa: F401
 from rba_core.train.config import check_at_least, check_choice, check_finite, invalid
 from rba_core.tasks.speech import (
-    EpochBatches, SpeechTaskConfig, fsdp_layers, load_dataset, load_speechlm,
+    EpochBatches, SpeechTaskConfig, describe_augment, fsdp_layers, load_augmenter, load_dataset,
+    load_speechlm,
 )
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -272,12 +274,6 @@ class ReferenceWeights:
             raise ConfigError("the checkpoint's reference weights do not match this model's "
                               "trainable tensors; resume with the config the run started with")
         self.saved = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(saved, self.params)]
-
-
-def stable_seed(*parts: object) -> int:
-    """A 62-bit seed from its parts, the same in every process and Python version."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2
 
 
 @dataclass
@@ -708,12 +704,13 @@ class SpeechPrompts:
 class SpeechRLTask(RLTask):
     """RBA proper: the SpeechLM, hearing the speech, learns to behave as its teacher does
     reading the transcript. ``heldout`` (a ``SpeechDataset``) is answered greedily every
-    ``rba.eval_every`` steps and scored as evaluation scores it."""
+    ``rba.eval_every`` steps and scored as evaluation scores it. ``augment`` (``data.augment``)
+    applies to the train batches only, never to the held-out clips."""
 
     task = "rba"
 
     def __init__(self, speechlm: Any, dataset: Any, step: RLStep, *, batch_size: int,
-                 heldout: Any = None) -> None:
+                 heldout: Any = None, augment: Any = None) -> None:
         if len(dataset) == 0:
             raise ConfigError(f"{dataset.root}: no usable rows in split {dataset.split!r} "
                               f"(skipped: {dict(dataset.skipped) or 'none'})")
@@ -722,6 +719,7 @@ class SpeechRLTask(RLTask):
         self.dataset = dataset
         self.batch_size = batch_size
         self.heldout = heldout
+        self.augment = augment
 
     def prompts(self, raw: Any) -> SpeechPrompts:
         batch = raw.to(self.speechlm.device)
@@ -730,7 +728,7 @@ class SpeechRLTask(RLTask):
 
     def prompt_batches(self, epoch: int, rank: int, world_size: int, seed: int) -> Any:
         return EpochBatches(self.dataset, self.batch_size, seed=seed, epoch=epoch, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, augment=self.augment)
 
     def fsdp_modules(self) -> list[nn.Module]:
         return fsdp_layers(self.speechlm)
@@ -746,7 +744,8 @@ class SpeechRLTask(RLTask):
                 "heldout_rows": len(self.heldout) if self.heldout is not None else 0,
                 "trainable_parameters": sum(p.numel() for p in self.trainable),
                 "parameters": sum(p.numel() for p in self.speechlm.parameters()),
-                "group_size": self.step.config.group_size}
+                "group_size": self.step.config.group_size,
+                "augment": describe_augment(self.augment)}
 
     def export(self, folder: Any) -> None:
         """What inference loads: the adapter (and its LoRA)."""
@@ -807,6 +806,8 @@ def build_rba_task(config: RBATaskConfig, device: torch.device) -> SpeechRLTask:
     model loads."""
     if config.model.teacher is not None:
         _check_teacher_tokenizer(config)
+    # Before the models load: a missing augmentation package fails at once.
+    augment = load_augmenter(config.data)
     speechlm = load_speechlm(config.model, device)
     teacher = teacher_tokenizer = None
     if config.model.teacher is not None:
@@ -823,7 +824,8 @@ def build_rba_task(config: RBATaskConfig, device: torch.device) -> SpeechRLTask:
     speechlm.train()
     return SpeechRLTask(speechlm, dataset,
                         build_rl_step(speechlm, config.rba, teacher, teacher_tokenizer),
-                        batch_size=config.data.batch_size, heldout=heldout)
+                        batch_size=config.data.batch_size, heldout=heldout,
+                        augment=augment)
 
 
 def _check_teacher_tokenizer(config: RBATaskConfig) -> None:

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 import torch
 from torch import nn
 
+from rba_core.data.augment import AugmentConfig
 from rba_core.errors import ConfigError
 from rba_core.train.config import (
     TrainerConfig, check_at_least, check_choice, check_finite, invalid,
 )
 
 if TYPE_CHECKING:
+    from rba_core.data.augment import Augmenter
     from rba_core.data.speech import SpeechBatch, SpeechDataset
     from rba_core.data.tokenizer import Tokenizer
     from rba_core.models.speechlm import SpeechLM
@@ -57,13 +59,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """The dataset folder written by ``rba synth`` (manifest.jsonl + audio/)."""
+    """The dataset folder written by ``rba synth`` (manifest.jsonl + audio/), and the
+    augmentation of its clips while training (``augment``, off by default)."""
 
     dir: str = "data/speech"
     split: str = "train"
     batch_size: int = 8
     max_duration: float = 30.0
     max_response_tokens: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, prefix: str = "data") -> None:
         if not self.dir:
@@ -74,6 +78,7 @@ class DataConfig:
                      allowed="a number of seconds in (0, 30] (Whisper's window)")
         if self.max_response_tokens is not None:
             check_at_least(f"{prefix}.max_response_tokens", self.max_response_tokens, 1)
+        self.augment.validate(f"{prefix}.augment")
 
 
 @dataclass
@@ -97,13 +102,15 @@ class SpeechTaskConfig(TrainerConfig):
 
 class EpochBatches:
     """One rank's batches of one epoch: ``data.batch_size`` rows per rank, cut from global
-    length-bucketed batches of ``batch_size * world_size`` rows. Loads audio lazily."""
+    length-bucketed batches of ``batch_size * world_size`` rows. Loads audio lazily; with an
+    ``augment``-er, each clip is augmented as drawn for (seed, epoch, its row id)."""
 
     def __init__(self, dataset: "SpeechDataset", batch_size: int, *, seed: int, epoch: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, augment: "Augmenter | None" = None) -> None:
         self.dataset = dataset
         self.rank = rank
         self.world_size = world_size
+        self.augment = None if augment is None else augment.for_epoch(seed, epoch)
         batches = dataset.batch_indices(batch_size * world_size, seed=seed, epoch=epoch)
         # A global batch smaller than the world would leave some rank without a row.
         self.batches = [b for b in batches if len(b) >= world_size]
@@ -118,7 +125,8 @@ class EpochBatches:
         from rba_core.data.speech import shard_batch
 
         for indices in self.batches[start:]:
-            yield self.dataset.batch(shard_batch(indices, self.rank, self.world_size))
+            yield self.dataset.batch(shard_batch(indices, self.rank, self.world_size),
+                                     augment=self.augment)
 
 
 class SpeechTask(ABC):
@@ -126,12 +134,13 @@ class SpeechTask(ABC):
 
     Subclasses list their task names in ``TASKS`` and implement :meth:`loss_tokens` (what the
     loss averages over, which weights the batch) and :meth:`batch_loss` (on a loaded batch).
+    ``augment`` (``data.augment``) applies to the train batches only.
     """
 
     TASKS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, speechlm: "SpeechLM", dataset: "SpeechDataset", *, task: str,
-                 batch_size: int) -> None:
+                 batch_size: int, augment: "Augmenter | None" = None) -> None:
         if task not in self.TASKS:
             raise ValueError(f"{type(self).__name__}: task must be one of "
                              f"{', '.join(self.TASKS)}, got {task!r}")
@@ -142,6 +151,7 @@ class SpeechTask(ABC):
         self.dataset = dataset
         self.task = task
         self.batch_size = batch_size
+        self.augment = augment
         speechlm.train()
 
     @abstractmethod
@@ -160,7 +170,7 @@ class SpeechTask(ABC):
 
     def train_batches(self, epoch: int, rank: int, world_size: int, seed: int) -> EpochBatches:
         return EpochBatches(self.dataset, self.batch_size, seed=seed, epoch=epoch, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, augment=self.augment)
 
     def batch_weight(self, batch: "SpeechBatch | None") -> float:
         """The losses are per-token means, so the trainer weights each micro-batch (and rank)
@@ -186,7 +196,7 @@ class SpeechTask(ABC):
         total = sum(p.numel() for p in self.speechlm.parameters())
         return {"task": self.task, "data": str(self.dataset.root), "rows": len(self.dataset),
                 "skipped_rows": dict(self.dataset.skipped), "trainable_parameters": trainable,
-                "parameters": total}
+                "parameters": total, "augment": describe_augment(self.augment)}
 
     def export(self, folder: str | os.PathLike) -> None:
         """Write what the run trained and inference loads: the adapter and its LoRA."""
@@ -215,6 +225,19 @@ def load_speechlm(model: ModelConfig, device: torch.device) -> "SpeechLM":
         resolve_model_dir(model.encoder, DEFAULT_ENCODER, "model.encoder"),
         resolve_model_dir(model.llm, DEFAULT_LLM, "model.llm"),
         model.adapter, device=device, lora=lora)
+
+
+def load_augmenter(data: DataConfig) -> "Augmenter | None":
+    """``data.augment``'s augmenter for the train clips (None when off). Evaluation and the
+    held-out checks never take one: they see the clips as recorded."""
+    from rba_core.data.augment import build_augmenter
+
+    return build_augmenter(data.augment, max_seconds=data.max_duration)
+
+
+def describe_augment(augment: "Augmenter | None") -> str | None:
+    """The start-of-run line's account of the augmentation (None when off)."""
+    return None if augment is None else augment.config.summary()
 
 
 def load_dataset(data: DataConfig, speechlm: "SpeechLM", *,
