@@ -20,21 +20,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "another --task can be added to the same DIR.",
     )
     parser.add_argument("--task", required=True,
-                        choices=("instruct", "qa", "translate", "read"),
+                        choices=("instruct", "qa", "translate", "read", "continue"),
                         help="instruct: spoken requests; qa: spoken questions with brief "
                              "answers; translate: spoken sentences to translate; read: "
                              "sentences of the train answers in --source spoken to be repeated "
-                             "(more words for the adapter's CTC alignment; no teacher call)")
+                             "(more words for the adapter's CTC alignment; no teacher call); "
+                             "continue: the same sentences, the teacher's continuation of each "
+                             "as the answer (the warm start before the instruction tasks)")
     parser.add_argument("--source", metavar="DIR", default=None,
-                        help="--task read: the dataset whose answers are read (default: --out)")
+                        help="--task read/continue: the dataset whose answers are spoken "
+                             "(default: --out)")
     parser.add_argument("--num", type=int, required=True, metavar="N",
                         help="rows of this task the folder should hold")
-    parser.add_argument("--tts", choices=("espeak", "piper"), default="espeak",
-                        help="speech engine (default: espeak; piper is an optional GPL extra)")
+    parser.add_argument("--tts", default="espeak", metavar="ENGINE[,ENGINE]",
+                        help="speech engine, espeak or piper (an optional GPL extra), or a "
+                             "comma list such as espeak,piper: one engine drawn per row from "
+                             "the seed, so one folder mixes them (default: espeak)")
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of all draws (default: 0)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N",
-                        help="Magpie candidates per teacher call, a multiple of 8 (default: 32)")
+                        help="Magpie candidates (read/continue: sentences) per teacher call, "
+                             "a multiple of 8 (default: 32)")
     parser.add_argument("--heldout-fraction", type=float, default=0.0, metavar="F",
                         help="share of rows in the held-out split (default: 0)")
     parser.add_argument("--heldout-voices", type=_voices, default=(), metavar="V1,V2",
@@ -50,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "own)")
     parser.add_argument("--max-response-tokens", type=int, default=None, metavar="N",
                         help="cap on each answer; longer ones are kept and flagged truncated "
-                             "(default: instruct 256, qa 64, translate 128)")
+                             "(default: instruct 256, qa 64, translate 128, continue 64)")
     parser.add_argument("--max-instruction-tokens", type=int, default=96, metavar="N",
                         help="cap on a Magpie user turn; unfinished turns are dropped "
                              "(default: 96)")
@@ -97,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
         max_words=args.max_words, near_duplicate_threshold=args.near_duplicate_threshold,
         max_candidates=args.max_candidates, tts_workers=args.tts_workers,
         piper_voices=tuple(args.piper_voice), progress=not args.no_progress)
-    if args.source is not None and args.task != "read":
+    if args.source is not None and args.task not in ("read", "continue"):
         from rba_core.errors import ConfigError
 
-        raise ConfigError("--source goes with --task read only")
-    if args.task == "read":
+        raise ConfigError("--source goes with --task read or continue only")
+    if args.task in ("read", "continue"):
         from rba_core.synth.read import run_read
 
         summary = run_read(config, source=args.source)

@@ -18,6 +18,7 @@ from rba_core.synth.text import (
     unspeakable_reason,
 )
 from rba_core.synth.tts import (
+    EngineMix,
     EspeakBackend,
     PiperBackend,
     SynthesisFailed,
@@ -28,10 +29,10 @@ from rba_core.synth.tts import (
 from rba_core.synth.wer import word_error_rate
 
 __all__ = [
-    "DatasetWriter", "DedupeConfig", "EspeakBackend", "Generation", "NearDuplicateIndex",
-    "PiperBackend", "RECIPES", "RolloutTeacher", "SynthConfig", "SynthesisFailed",
-    "TaskRecipe", "Voice", "jaccard", "magpie_prefix", "make_backend", "normalize_for_speech",
-    "number_to_words", "postprocess", "read_manifest", "repetition_reason", "run_synth",
-    "shingles", "split_voices", "stable_seed", "summarize", "teacher_user_message",
-    "unspeakable_reason", "word_error_rate",
+    "DatasetWriter", "DedupeConfig", "EngineMix", "EspeakBackend", "Generation",
+    "NearDuplicateIndex", "PiperBackend", "RECIPES", "RolloutTeacher", "SynthConfig",
+    "SynthesisFailed", "TaskRecipe", "Voice", "jaccard", "magpie_prefix", "make_backend",
+    "normalize_for_speech", "number_to_words", "postprocess", "read_manifest",
+    "repetition_reason", "run_synth", "shingles", "split_voices", "stable_seed", "summarize",
+    "teacher_user_message", "unspeakable_reason", "word_error_rate",
 ]

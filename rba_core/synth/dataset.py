@@ -35,7 +35,7 @@ LOCK = ".synth.lock"
 REQUIRED_FIELDS = ("id", "task", "instruction", "prompt", "response", "audio", "duration",
                    "sample_rate", "voice", "teacher", "tts", "seed", "split",
                    "response_truncated")
-TASKS = ("instruct", "qa", "translate", "read")
+TASKS = ("instruct", "qa", "translate", "read", "continue")
 SPLITS = ("train", "heldout")
 # The path ``audio_path`` gives a row's clip (row ids are ``TASK-sSEED-CANDIDATE``).
 _OWN_CLIP = re.compile(rf"^{AUDIO_DIR}/\d{{5,}}/(?:{'|'.join(TASKS)})-s-?\d+-\d{{7,}}\.flac$")

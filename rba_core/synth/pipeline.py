@@ -36,7 +36,9 @@ from rba_core.synth.tts import (
     TTSBackend,
     Voice,
     make_backend,
+    parse_engines,
     postprocess,
+    row_tts,
 )
 
 log = logging.getLogger("rba.synth")
@@ -62,7 +64,7 @@ class SynthConfig:
     task: str
     num: int
     out: str
-    tts: str = "espeak"
+    tts: str = "espeak"  # an engine or a comma list of them (tts.parse_engines)
     seed: int = 0
     batch_size: int = 32
     heldout_fraction: float = 0.0
@@ -132,6 +134,7 @@ class SynthConfig:
         if self.max_audio_seconds <= 0:
             raise ConfigError(f"--max-audio-seconds must be > 0, got {self.max_audio_seconds!r}")
         self.resolved = {
+            "tts": ",".join(parse_engines(self.tts)),
             "min_words": self.min_words or task.min_words,
             "max_words": self.max_words or task.max_words,
             "max_response_tokens": self.max_response_tokens or task.response_tokens,
@@ -179,13 +182,13 @@ def split_voices(voices: list[str], heldout: tuple[str, ...] | list[str]
                    or (spec.startswith("+") and v.endswith(spec))]
         if not matched:
             sample = ", ".join(sorted({v.split("+")[0] for v in voices})[:8])
-            raise ConfigError(f"--heldout-voices: {spec!r} matches no voice of this engine; "
+            raise ConfigError(f"--heldout-voices: {spec!r} matches no voice of --tts; "
                               f"use a voice (e.g. {voices[0]}), a base voice ({sample}) or a "
                               "variant such as +f3")
         chosen.update(matched)
     train = [v for v in voices if v not in chosen]
     if not train:
-        raise ConfigError("--heldout-voices holds out every voice of this engine, so training "
+        raise ConfigError("--heldout-voices holds out every voice of --tts, so training "
                           "would hear none; hold out fewer")
     return train, [v for v in voices if v in chosen]
 
@@ -253,30 +256,16 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
     prompt = task.prompt(config.target_language)
     with DatasetWriter(config.out, shard_size=config.shard_size) as writer:
         state = writer.load_state()
-        task_state = state["tasks"].get(config.task)
-        fixed = config.fixed()
-        if task_state is not None and task_state.get("config") != fixed:
-            old = task_state.get("config", {})
-            changed = [f"{k}: {old.get(k)!r} -> {fixed[k]!r}" for k in fixed
-                       if old.get(k) != fixed[k]]
-            raise ConfigError(f"--out {config.out} already holds {config.task} rows made with "
-                              f"other settings ({'; '.join(changed)}); rerun with the same "
-                              "settings to continue, or pick another --out")
+        task_state = checked_task_state(config, state)
         if task_state is None:
-            task_state = {"config": fixed, "next_group": 0, "filters": {}}
+            task_state = {"config": config.fixed(), "next_group": 0, "filters": {}}
             state["tasks"][config.task] = task_state
         filters: Counter[str] = Counter(task_state["filters"])
         done = writer.count(config.task)
         if done >= config.num:
             return writer.write_summary(state)
 
-        if teacher is None:
-            from rba_core.dtypes import parse_dtype
-            from rba_core.synth.teacher import RolloutTeacher
-
-            teacher = RolloutTeacher.load(config.teacher, device=config.device,
-                                          dtype=parse_dtype(config.dtype, "--dtype"))
-        tts_name = backend.identifier()
+        teacher = teacher or load_teacher(config)
         index = NearDuplicateIndex(DedupeConfig(threshold=config.near_duplicate_threshold))
         for row in writer.rows:
             if row["task"] == config.task:
@@ -301,7 +290,7 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
                            >= first * GROUP_SIZE}
                 pending = _instructions(config, task, teacher, groups, written, index,
                                         filters, config.num - done)
-                _responses(config, teacher, prompt, pending, filters)
+                teacher_responses(config, teacher, prompt, pending, filters)
                 _voices(config, backend, pending, train_voices, heldout_voices)
                 waves = list(pool.map(lambda item: try_speak(backend, item), pending))
                 for item, wave in zip(pending, waves):
@@ -316,7 +305,8 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
                         "id": item.row_id, "task": config.task, "instruction": item.instruction,
                         "prompt": prompt, "response": item.response, "audio": "",
                         "duration": 0.0, "sample_rate": SAMPLE_RATE,
-                        "voice": item.voice.to_dict(), "teacher": teacher.name, "tts": tts_name,
+                        "voice": item.voice.to_dict(), "teacher": teacher.name,
+                        "tts": row_tts(backend, item.voice),
                         "seed": config.seed, "split": item.split,
                         "response_truncated": item.truncated,
                         "spoken_text": normalize_for_speech(item.instruction),
@@ -336,6 +326,31 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
         task_state["filters"] = dict(filters)
         writer.save_state(state)
         return writer.write_summary(state)
+
+
+def checked_task_state(config: SynthConfig, state: dict[str, Any]) -> dict[str, Any] | None:
+    """``config.task``'s entry in the run state (None before its first run), refused when the
+    rows already written were made with other row-defining settings: a rerun must continue
+    the same rows, never mix in others under the same ids."""
+    task_state = state["tasks"].get(config.task)
+    fixed = config.fixed()
+    if task_state is not None and task_state.get("config") != fixed:
+        old = task_state.get("config", {})
+        changed = [f"{k}: {old.get(k)!r} -> {fixed[k]!r}" for k in fixed
+                   if old.get(k) != fixed[k]]
+        raise ConfigError(f"--out {config.out} already holds {config.task} rows made with "
+                          f"other settings ({'; '.join(changed)}); rerun with the same "
+                          "settings to continue, or pick another --out")
+    return task_state
+
+
+def load_teacher(config: SynthConfig) -> TeacherLike:
+    """The ``--teacher`` checkpoint (default: the converted SmolLM2) on ``--device``."""
+    from rba_core.dtypes import parse_dtype
+    from rba_core.synth.teacher import RolloutTeacher
+
+    return RolloutTeacher.load(config.teacher, device=config.device,
+                               dtype=parse_dtype(config.dtype, "--dtype"))
 
 
 def _instructions(config: SynthConfig, task: TaskRecipe, teacher: TeacherLike,
@@ -376,8 +391,10 @@ def _instructions(config: SynthConfig, task: TaskRecipe, teacher: TeacherLike,
     return accepted
 
 
-def _responses(config: SynthConfig, teacher: TeacherLike, prompt: str,
-               pending: list[PendingRow], filters: Counter[str]) -> None:
+def teacher_responses(config: SynthConfig, teacher: TeacherLike, prompt: str,
+                      pending: list[PendingRow], filters: Counter[str]) -> None:
+    """Fill in each row's response: the teacher's answer to ``prompt`` and its instruction, as
+    training shows them to the teacher; rows whose answer is empty or loops are dropped."""
     replies = teacher.respond(
         [teacher_user_message(prompt, item.instruction) for item in pending],
         [stable_seed(config.seed, config.task, item.candidate, "response") for item in pending],

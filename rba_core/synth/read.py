@@ -1,15 +1,24 @@
-"""``rba synth --task read``: speak the sentences of the teacher's answers that a dataset already
-holds, with no teacher call.
+"""``rba synth --task read`` and ``--task continue``: speak the sentences of the teacher's
+answers that a dataset already holds.
 
-Why: the adapter's CTC pre-alignment (``rba_core.tasks.align``) needs many different spoken words,
-and on a CPU the teacher writes new instructions ~50x slower than espeak speaks. The answers
-the teacher already wrote for the ``instruct``/``qa``/``translate`` rows are several times
-more text than the instructions themselves, in the same register. Only train-split answers are
-read, in train voices, so nothing of the held-out split leaks into training.
+Why: the adapter's CTC pre-alignment (``rba_core.tasks.align``) and the warm start that hears
+the words (BLSP, Ultravox: repeat and continue the spoken text before the instruction tasks)
+need much more speech than Magpie gives; on a CPU the teacher writes new instructions ~50x
+slower than espeak speaks. The answers the teacher already wrote for the
+``instruct``/``qa``/``translate`` rows are several times more text than the instructions
+themselves, declarative and in the same register. Only train-split answers are read, in
+voices the source's train split uses, so nothing of the held-out split leaks into training.
 
-Each row's instruction is one sentence, its prompt asks to repeat it and its response is the
-sentence itself. Sentence ``k`` (in source-row order) becomes row ``read-sSEED-k`` with a voice
-drawn from (seed, k); a rerun skips rows already written, so a killed run resumes.
+Each row's instruction is one sentence. ``read``: the prompt asks to repeat it and the
+response is the sentence itself (no teacher call). ``continue``: the prompt asks to continue
+it and the response is the teacher's reply to exactly the user turn training shows the
+teacher (prompt + sentence, ``teacher_user_message``), so KD's teacher scores its own text.
+Sentence ``k`` (in source-row order) becomes row ``TASK-sSEED-k`` with a voice drawn from
+(seed, task, k). Rows are made ``--batch-size`` sentences at a time (one teacher call each)
+and written one by one; a rerun skips the ids written and makes the rest again in order, so a
+killed run resumes. A sentence whose continuation the filters dropped is asked again on a
+rerun; the reply is greedy or seeded by (seed, k), so it is dropped again and counted once,
+as in an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -28,6 +37,13 @@ from rba_core.synth.text import normalize_for_speech, repetition_reason, unspeak
 log = logging.getLogger("rba.synth")
 
 READ_TASK = "read"
+CONTINUE_TASK = "continue"
+# Tasks whose rows speak other rows' answers; they are never a source themselves.
+SPOKEN_ANSWER_TASKS = (READ_TASK, CONTINUE_TASK)
+# A continuation brings words of its own: with fewer words the sentence lacks, the teacher
+# echoed or reordered it (the 135M default teacher does for about 3 sentences in 10), which is
+# a repeat row (--task read), not a continuation.
+MIN_NEW_WORDS = 4
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -37,7 +53,7 @@ def answer_sentences(rows: list[dict[str, Any]], *, min_words: int, max_words: i
     answers, in order. A truncated answer's last piece is unfinished and left out."""
     sentences = []
     for row in rows:
-        if row["task"] == READ_TASK or row["split"] != "train":
+        if row["task"] in SPOKEN_ANSWER_TASKS or row["split"] != "train":
             continue
         pieces = [p.strip() for line in row["response"].splitlines()
                   for p in _SENTENCE_END.split(line) if p.strip()]
@@ -65,80 +81,131 @@ def answer_sentences(rows: list[dict[str, Any]], *, min_words: int, max_words: i
     return sentences
 
 
+def echo_reason(sentence: str, response: str) -> str | None:
+    """``response_echo`` when ``response`` has fewer than ``MIN_NEW_WORDS`` words that
+    ``sentence`` lacks, else None."""
+    own = set(words_of(sentence))
+    new = [word for word in words_of(response) if word not in own]
+    return "response_echo" if len(new) < MIN_NEW_WORDS else None
+
+
 def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa: F821
-             tts: Any = None) -> dict[str, Any]:
-    """Write up to ``config.num`` read rows into ``config.out`` from the answers in ``source``
-    (default: ``config.out`` itself); returns the summary."""
+             tts: Any = None, teacher: Any = None) -> dict[str, Any]:
+    """Write up to ``config.num`` rows of ``config.task`` (``read`` or ``continue``) into
+    ``config.out`` from the answers in ``source`` (default: ``config.out`` itself); returns the
+    summary. ``teacher`` (``continue`` only) defaults to ``config.teacher``."""
     from tqdm import tqdm
 
-    from rba_core.synth.pipeline import PendingRow, try_speak, draw_rng
-    from rba_core.synth.tts import SAMPLE_RATE, make_backend
+    from rba_core.synth.pipeline import (
+        PendingRow, checked_task_state, draw_rng, load_teacher, teacher_responses, try_speak,
+    )
+    from rba_core.synth.tts import SAMPLE_RATE, make_backend, row_tts, voices_by_engine
 
     task = config.validate()
+    name = config.task
+    if name not in SPOKEN_ANSWER_TASKS:
+        raise ConfigError(f"run_read makes --task {' or '.join(SPOKEN_ANSWER_TASKS)} rows, got "
+                          f"{name!r}; use run_synth")
     source = Path(source or config.out)
     if config.heldout_fraction or config.heldout_voices:
-        raise ConfigError("--task read speaks train answers in the source's train voices only; "
-                          "drop --heldout-fraction/--heldout-voices (the held-out split comes "
-                          "from the other tasks)")
+        raise ConfigError(f"--task {name} speaks train answers in the source's train voices "
+                          "only; drop --heldout-fraction/--heldout-voices (the held-out split "
+                          "comes from the other tasks)")
     backend = tts or make_backend(config.tts, piper_voices=list(config.piper_voices))
     rows = read_manifest(source)
     filters: Counter[str] = Counter()
     sentences = answer_sentences(rows, min_words=config.resolved["min_words"],
                                  max_words=config.resolved["max_words"], filters=filters)
     if not sentences:
-        raise ConfigError(f"--task read: {source} holds no train answers with a speakable "
+        raise ConfigError(f"--task {name}: {source} holds no train answers with a speakable "
                           "sentence; synthesize instruct/qa/translate rows there first")
     # The voices the source's train split was spoken in: none reserved for held-out rows.
-    train_voices = sorted({row["voice"]["voice"] for row in rows if row["split"] == "train"
-                           and row["task"] != READ_TASK} & set(backend.voices()))
-    if not train_voices:
-        raise ConfigError(f"--task read: no voice of {source}'s train rows belongs to the "
-                          f"--tts {config.tts} engine; use the engine the source was made with")
+    # Each engine of a mix needs some, or it would speak no row (or a held-out voice).
+    source_voices = {row["voice"]["voice"] for row in rows if row["split"] == "train"
+                     and row["task"] not in SPOKEN_ANSWER_TASKS}
+    for engine, voices in voices_by_engine(backend).items():
+        if not source_voices & set(voices):
+            raise ConfigError(f"--task {name}: no voice of {source}'s train rows belongs to "
+                              f"the --tts {engine} engine; use the engine the source was made "
+                              "with (each engine of a --tts mix needs train rows there)")
+    train_voices = sorted(source_voices & set(backend.voices()))
+    prompt = task.prompt(config.target_language)
     index = NearDuplicateIndex(DedupeConfig(threshold=config.near_duplicate_threshold))
     with DatasetWriter(config.out, shard_size=config.shard_size) as writer:
         state = writer.load_state()
-        done = writer.count(READ_TASK)
-        pending = []
+        checked_task_state(config, state)
+        done = writer.count(name)
+        if done >= config.num:
+            return writer.write_summary(state)
+        todo: list[tuple[PendingRow, str]] = []
         for k, (source_id, sentence) in enumerate(sentences):
             duplicate = index.check_and_add(sentence)
             if duplicate:
                 filters[duplicate] += 1
                 continue
-            row_id = f"{READ_TASK}-s{config.seed}-{k:07d}"
-            if row_id in writer.ids:
-                continue
-            if done + len(pending) >= config.num:
-                break
-            voice = backend.draw(draw_rng(config.seed, READ_TASK, k, "voice"), train_voices)
-            # The answer is the sentence itself: a listener repeating it.
-            pending.append((PendingRow(k, row_id, sentence, response=sentence, voice=voice),
-                            source_id))
+            row_id = f"{name}-s{config.seed}-{k:07d}"
+            if row_id not in writer.ids:
+                # read: the answer is the sentence itself, a listener repeating it.
+                todo.append((PendingRow(k, row_id, sentence, response=sentence), source_id))
+        if name == CONTINUE_TASK and todo:
+            teacher = teacher or load_teacher(config)
+        # The sentence filters are recounted over all sentences each run, the rest over the
+        # sentences this run makes (those a previous run dropped are made again).
+        task_state = {"config": config.fixed(), "filters": dict(filters),
+                      "source": str(source)}
+        state["tasks"][name] = task_state
         bar = tqdm(total=config.num, initial=done, disable=not config.progress, unit="row",
-                   desc="synth read")
+                   desc=f"synth {name}")
         with ThreadPoolExecutor(max_workers=config.tts_workers) as pool:
-            waves = pool.map(lambda entry: try_speak(backend, entry[0]), pending)
-            for (item, source_id), wave in zip(pending, waves):
-                if isinstance(wave, str):
-                    filters[wave] += 1
-                    continue
-                writer.add({
-                    "id": item.row_id, "task": READ_TASK, "instruction": item.instruction,
-                    "prompt": task.prompt(config.target_language),
-                    "response": item.response, "audio": "", "duration": 0.0,
-                    "sample_rate": SAMPLE_RATE, "voice": item.voice.to_dict(),
-                    "teacher": "(read)", "tts": backend.identifier(), "seed": config.seed,
-                    "split": "train", "response_truncated": False,
-                    "spoken_text": normalize_for_speech(item.instruction),
-                    "candidate": item.candidate, "source": source_id,
-                }, wave)
-                bar.update(1)
+            while done < config.num and todo:
+                take = min(config.batch_size, config.num - done)
+                batch, todo = todo[:take], todo[take:]
+                sources = {item.row_id: source_id for item, source_id in batch}
+                items = [item for item, _ in batch]
+                if name == CONTINUE_TASK:
+                    teacher_responses(config, teacher, prompt, items, filters)
+                    kept = []
+                    for item in items:
+                        reason = echo_reason(item.instruction, item.response)
+                        if reason:
+                            filters[reason] += 1
+                        else:
+                            kept.append(item)
+                    items = kept
+                for item in items:
+                    item.voice = backend.draw(draw_rng(config.seed, name, item.candidate,
+                                                       "voice"), train_voices)
+                waves = list(pool.map(lambda item: try_speak(backend, item), items))
+                for item, wave in zip(items, waves):
+                    if isinstance(wave, str):
+                        filters[wave] += 1
+                        continue
+                    if len(wave) / SAMPLE_RATE > config.max_audio_seconds:
+                        filters["audio_too_long"] += 1
+                        continue
+                    assert item.voice is not None
+                    writer.add({
+                        "id": item.row_id, "task": name, "instruction": item.instruction,
+                        "prompt": prompt, "response": item.response, "audio": "",
+                        "duration": 0.0, "sample_rate": SAMPLE_RATE,
+                        "voice": item.voice.to_dict(),
+                        "teacher": teacher.name if name == CONTINUE_TASK else "(read)",
+                        "tts": row_tts(backend, item.voice), "seed": config.seed,
+                        "split": "train", "response_truncated": item.truncated,
+                        "spoken_text": normalize_for_speech(item.instruction),
+                        "candidate": item.candidate, "source": sources[item.row_id],
+                    }, wave)
+                    done += 1
+                    bar.update(1)
+                filters["accepted"] = writer.count(name)
+                task_state["filters"] = dict(filters)
+                writer.save_state(state)
+                writer.write_summary(state)
         bar.close()
-        # The other counts are recomputed over all sentences each run; so is this one.
-        filters["accepted"] = writer.count(READ_TASK)
-        state["tasks"][READ_TASK] = {"config": config.fixed(), "filters": dict(filters),
-                                     "source": str(source)}
+        filters["accepted"] = writer.count(name)
+        task_state["filters"] = dict(filters)
         writer.save_state(state)
-        if writer.count(READ_TASK) < config.num:
-            log.warning("read: %d of %d rows; the answers in %s hold no more sentences",
-                        writer.count(READ_TASK), config.num, source)
+        if done < config.num:
+            log.warning("%s: %d of %d rows; the answers in %s hold no more sentences", name,
+                        done, config.num, source)
         return writer.write_summary(state)

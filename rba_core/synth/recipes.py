@@ -7,6 +7,9 @@ checks its spoken text must pass. All three share the Magpie + answer + TTS mach
   reference.
 - ``translate``: a short Magpie user sentence is spoken; the prompt asks for a translation into
   the target language, and the teacher's translation is the reference.
+- ``read`` and ``continue`` (``rba_core.synth.read``): a sentence of the teacher's answers in a
+  dataset is spoken, and the reference is the sentence itself (``read``) or the teacher's
+  continuation of it (``continue``), the warm start that hears the words (BLSP, Ultravox).
 """
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ from rba_core.synth.text import sentence_count
 
 QA_PROMPT = "Answer the question in the audio briefly."
 READ_PROMPT = "Repeat exactly what was said."
+# BLSP's continuation instruction, aimed at the audio. The wording matters for the 135M default
+# teacher, which tends to echo the text back: over 24 answer sentences it echoed (fewer than 4
+# words of its own) 13 times after "Continue the text in the audio.", 17-21 times after "Write
+# the next sentence ..." or "Finish the text ...", and 7 times after this wording.
+CONTINUE_PROMPT = "Continue the text in the audio in a coherent and engaging style."
 QA_OPENERS = ("What", "Who", "Where", "When", "Which", "How many", "Why", "How")
 
 
@@ -67,6 +75,9 @@ RECIPES: dict[str, TaskRecipe] = {
     # Sentences of the teacher's answers, spoken (rba_core.synth.read); no teacher call.
     "read": TaskRecipe("read", min_words=4, max_words=30, max_sentences=1, response_tokens=64,
                        prompt_for=lambda language: READ_PROMPT),
+    # The same sentences, and the teacher's continuation of each as the reference.
+    "continue": TaskRecipe("continue", min_words=4, max_words=30, max_sentences=1,
+                           response_tokens=64, prompt_for=lambda language: CONTINUE_PROMPT),
 }
 
 

@@ -10,6 +10,9 @@ Two engines:
   voice's own (recorded as 1.0); ``noise_scale`` and ``noise_w`` vary per sample. Piper's noise is
   drawn inside its ONNX graph and cannot be seeded, so its audio differs between runs.
 
+``--tts espeak,piper`` mixes them in one dataset (``EngineMix``): each row's engine is drawn with
+its voice.
+
 Every clip is resampled to 16 kHz mono with soxr, trimmed of leading and trailing silence,
 loudness normalised and written as 16-bit FLAC.
 """
@@ -234,13 +237,99 @@ class PiperBackend:
         return np.concatenate(pieces).astype(np.float32), rate
 
 
+ENGINES = ("espeak", "piper")
+_TTS_USAGE = ("--tts must be 'espeak' or 'piper', or a comma list of them such as espeak,piper "
+              "(one engine drawn per row)")
+
+
+def parse_engines(text: str) -> tuple[str, ...]:
+    """The engines ``--tts`` names, in ``ENGINES`` order, so ``piper,espeak`` is the same run
+    as ``espeak,piper`` (the order decides the per-row draws)."""
+    items = [item.strip() for item in str(text).split(",")]
+    if "" in items:
+        raise ConfigError(f"{_TTS_USAGE}; {text!r} has an empty item: drop the extra comma")
+    for item in items:
+        if item not in ENGINES:
+            raise ConfigError(f"{_TTS_USAGE}; {item!r} is not an engine, got {text!r}")
+    for item in set(items):
+        if items.count(item) > 1:
+            raise ConfigError(f"{_TTS_USAGE}; {text!r} names {item} twice: name each engine "
+                              "once (every engine of a mix is drawn equally often)")
+    return tuple(name for name in ENGINES if name in items)
+
+
+class EngineMix:
+    """Several engines as one backend (``--tts espeak,piper``), so one dataset folder holds
+    rows of each: a student trained on one engine learns that engine's artefacts, and
+    ``rba eval`` reports repeat WER per engine (issue #13).
+
+    ``draw`` first picks the engine, uniformly among those with a voice in ``voices``, then
+    that engine draws its voice, all from the row's own seeded ``rng``, so which engine speaks
+    a row is the same on every rerun. Voice names are the engines' own (espeak's
+    ``en-gb+f3``, piper's ``en_US-joe-medium``), so held-out voice rules apply to the union
+    unchanged: naming only espeak voices keeps every piper voice in training, and naming a
+    piper voice holds that voice out (all of piper, with one voice: an engine training never
+    hears)."""
+
+    def __init__(self, engines: list[TTSBackend]) -> None:
+        self.engines = {engine.name: engine for engine in engines}
+        self.name = ",".join(self.engines)
+        self._voices = {name: engine.voices() for name, engine in self.engines.items()}
+        seen: dict[str, str] = {}
+        for name, voices in self._voices.items():
+            for voice in voices:
+                if voice in seen:
+                    raise ConfigError(f"--tts {self.name}: voice {voice!r} belongs to both "
+                                      f"{seen[voice]} and {name}; mix engines whose voice "
+                                      "names differ")
+                seen[voice] = name
+
+    def identifier(self) -> str:
+        return " + ".join(engine.identifier() for engine in self.engines.values())
+
+    def voices(self) -> list[str]:
+        return [voice for voices in self._voices.values() for voice in voices]
+
+    def voices_by_engine(self) -> dict[str, list[str]]:
+        return {name: list(voices) for name, voices in self._voices.items()}
+
+    def draw(self, rng: random.Random, voices: list[str]) -> Voice:
+        allowed = set(voices)
+        usable = [name for name, own in self._voices.items() if allowed.intersection(own)]
+        if not usable:
+            raise ConfigError(f"--tts {self.name}: none of the voices {voices[:4]} belongs to "
+                              "these engines")
+        name = rng.choice(usable)
+        own = set(self._voices[name])
+        return self.engines[name].draw(rng, [voice for voice in voices if voice in own])
+
+    def synthesize(self, text: str, voice: Voice) -> tuple[np.ndarray, int]:
+        if voice.engine not in self.engines:
+            raise SynthesisFailed(f"engine {voice.engine!r} is not in the --tts {self.name} mix")
+        return self.engines[voice.engine].synthesize(text, voice)
+
+
+def voices_by_engine(backend: TTSBackend) -> dict[str, list[str]]:
+    """Engine name -> its voices, for one engine or a mix."""
+    if isinstance(backend, EngineMix):
+        return backend.voices_by_engine()
+    return {backend.name: backend.voices()}
+
+
+def row_tts(backend: TTSBackend, voice: Voice) -> str:
+    """A row's ``tts`` field: the identifier of the engine that spoke it (one of a mix's)."""
+    if isinstance(backend, EngineMix):
+        return backend.engines[voice.engine].identifier()
+    return backend.identifier()
+
+
 def make_backend(name: str, *, piper_voices: list[str] | None = None) -> TTSBackend:
-    """The backend called ``name`` ("espeak" or "piper"); a clear error when it is missing."""
-    if name == "espeak":
-        return EspeakBackend()
-    if name == "piper":
-        return PiperBackend(piper_voices)
-    raise ConfigError(f"--tts must be 'espeak' or 'piper', got {name!r}")
+    """The backend ``--tts name`` names: "espeak", "piper", or a comma list of them (an
+    ``EngineMix``); a clear error when one is missing."""
+    engines = parse_engines(name)
+    made = [EspeakBackend() if engine == "espeak" else PiperBackend(piper_voices)
+            for engine in engines]
+    return made[0] if len(made) == 1 else EngineMix(made)
 
 
 def _trim_silence(wave: np.ndarray, rate: int, *, floor_db: float = -40.0,

@@ -133,5 +133,5 @@ def test_bad_input_names_the_fix(tmp_path):
     command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["synth", "--task", "qa", "--num", "1", "--out",
                               str(tmp_path / "q"), "--source", str(tmp_path / "source")])
-    with pytest.raises(ConfigError, match="--source goes with --task read only"):
+    with pytest.raises(ConfigError, match="--source goes with --task read or continue only"):
         args.handler(args)
