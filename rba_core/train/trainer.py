@@ -463,8 +463,10 @@ class Trainer:
         last_saved = at.step if resumed_from is not None else -1
         budget_stop = False
         try:
+            # A step's time runs from the end of the previous one (checkpoints excluded), so
+            # it includes fetching its batches: where the RL task rolls out.
+            started = _step_clock()
             for group in self._step_groups(at, rng_states):
-                started = _step_clock()
                 record = self._optimizer_step(group, fsdp)
                 at.batch += len(group)
                 at.step += 1
@@ -474,6 +476,7 @@ class Trainer:
                 if run.checkpoint_every and at.step % run.checkpoint_every == 0:
                     last_path = self.save(at)
                     last_saved = at.step
+                started = _step_clock()
                 if self._budget_spent():
                     budget_stop = True
                     break

@@ -83,33 +83,50 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert [r["loss"] for r in again] == [r["loss"] for r in whole]
 
 
-def test_time_budget_stops_the_run_and_a_resume_spends_what_is_left(tmp_path, monkeypatch):
-    # A fake clock: every optimizer step takes 10 s, so a 0.5-minute budget buys 3 steps.
+class TakesTime(ToyRegressionTask):
+    """A task on a fake clock: drawing a batch takes ``draw`` seconds (as an RL task's rollout
+    does when its batch is drawn) and its loss ``loss_s``."""
+
+    def __init__(self, now: list[float], draw: float = 20.0, loss_s: float = 5.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.now, self.draw, self.loss_s = now, draw, loss_s
+
+    def train_batches(self, epoch, rank, world_size, seed):
+        for batch in super().train_batches(epoch, rank, world_size, seed):
+            self.now[0] += self.draw
+            yield batch
+
+    def loss(self, batch):
+        self.now[0] += self.loss_s
+        return super().loss(batch)
+
+
+def test_time_budget_counts_drawing_batches_and_a_resume_spends_what_is_left(tmp_path,
+                                                                            monkeypatch):
     import rba_core.train.trainer as trainer_module
 
     now = [0.0]
-
-    def clock() -> float:
-        now[0] += 10.0  # read at the start and at the end of each step
-        return now[0]
-
-    monkeypatch.setattr(trainer_module, "_step_clock", clock)
-    settings = ["run.max_steps=10", "run.time_budget_minutes=0.5", "run.checkpoint_every=0"]
+    monkeypatch.setattr(trainer_module, "_step_clock", lambda: now[0])
+    # 25 s a step: one minute is spent during step 3 (75 s). Counting only the loss (5 s a
+    # step) would run 12 steps.
+    settings = ["run.max_steps=20", "run.time_budget_minutes=1", "run.checkpoint_every=0"]
     result = Trainer(make_config(tmp_path / "run", *settings),
-                     ToyRegressionTask(samples=16, init_seed=1)).train()
+                     TakesTime(now, samples=16, init_seed=1)).train()
     assert (result.step, result.stopped_by_budget) == (3, True)
-    assert result.train_seconds == pytest.approx(30.0)
+    assert result.train_seconds == pytest.approx(75.0)
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000003"
 
-    # A larger budget on resume continues from the spent 30 s: 0.8 min = 48 s, 2 steps more.
-    resumed = Trainer(make_config(tmp_path / "run", "run.max_steps=10",
-                                  "run.time_budget_minutes=0.8", "run.checkpoint_every=0"),
-                      ToyRegressionTask(samples=16, init_seed=1)).train()
+    # A larger budget on resume continues from the 75 s spent: 2 minutes stop at step 5.
+    # (Replaying the drawn batches is free here, so only the new steps' 25 s count.)
+    resumed = Trainer(make_config(tmp_path / "run", "run.max_steps=20",
+                                  "run.time_budget_minutes=2", "run.checkpoint_every=0"),
+                      TakesTime(now, draw=0.0, loss_s=25.0, samples=16, init_seed=1)).train()
     assert (resumed.step, resumed.stopped_by_budget) == (5, True)
 
     # No budget: max_steps ends the run, and the result says so.
     whole = Trainer(make_config(tmp_path / "whole", "run.max_steps=4", "run.checkpoint_every=0"),
-                    ToyRegressionTask(samples=16, init_seed=1)).train()
+                    TakesTime(now, samples=16, init_seed=1)).train()
     assert (whole.step, whole.stopped_by_budget) == (4, False)
 
 
