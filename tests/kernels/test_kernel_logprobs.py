@@ -17,7 +17,9 @@ BLOCKS = {"block_n": 16, "block_v": 64, "block_d": 32}
 # Error bound relative to the largest reference magnitude. bfloat16 results (gradients) are
 # rounded to 8 mantissa bits, and the backward's dz tile is bf16 before the GEMMs.
 FWD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5}
-BWD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+# The weight and bias gradients sum over every row in float32: over 300 seeds of the ragged-batch
+# test the worst was 2.8e-5 of the largest gradient (2e-5 failed about 1 run in 75).
+BWD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def assert_close(actual, expected, tol, name):
