@@ -15,6 +15,7 @@ import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -292,26 +293,10 @@ def run_synth(config: SynthConfig, *, teacher: TeacherLike | None = None,
                                         filters, config.num - done)
                 teacher_responses(config, teacher, prompt, pending, filters)
                 _voices(config, backend, pending, train_voices, heldout_voices)
-                waves = list(pool.map(lambda item: try_speak(backend, item), pending))
-                for item, wave in zip(pending, waves):
-                    if isinstance(wave, str):
-                        filters[wave] += 1
-                        continue
-                    if len(wave) / SAMPLE_RATE > config.max_audio_seconds:
-                        filters["audio_too_long"] += 1
-                        continue
-                    assert item.voice is not None
-                    writer.add({
-                        "id": item.row_id, "task": config.task, "instruction": item.instruction,
-                        "prompt": prompt, "response": item.response, "audio": "",
-                        "duration": 0.0, "sample_rate": SAMPLE_RATE,
-                        "voice": item.voice.to_dict(), "teacher": teacher.name,
-                        "tts": row_tts(backend, item.voice),
-                        "seed": config.seed, "split": item.split,
-                        "response_truncated": item.truncated,
-                        "spoken_text": normalize_for_speech(item.instruction),
-                        "candidate": item.candidate,
-                    }, wave)
+                for item, wave in spoken(pool, backend, pending, filters,
+                                         config.max_audio_seconds):
+                    writer.add(manifest_row(item, config.task, prompt, teacher.name, backend,
+                                            config.seed), wave)
                     filters["accepted"] += 1
                     filters["response_truncated"] += int(item.truncated)
                     done += 1
@@ -419,6 +404,33 @@ def _voices(config: SynthConfig, backend: TTSBackend, pending: list[PendingRow],
         voice_rng = draw_rng(config.seed, config.task, item.candidate, "voice")
         item.voice = backend.draw(voice_rng,
                                   heldout_voices if item.split == "heldout" else train_voices)
+
+
+def spoken(pool: ThreadPoolExecutor, backend: TTSBackend, items: list[PendingRow],
+           filters: Counter, max_audio_seconds: float) -> Iterator[tuple[PendingRow, np.ndarray]]:
+    """Each item with its audio, spoken on ``pool``; a clip the engine fails on or one longer
+    than ``max_audio_seconds`` is counted in ``filters`` and skipped."""
+    waves = list(pool.map(lambda item: try_speak(backend, item), items))
+    for item, wave in zip(items, waves):
+        if isinstance(wave, str):
+            filters[wave] += 1
+        elif len(wave) / SAMPLE_RATE > max_audio_seconds:
+            filters["audio_too_long"] += 1
+        else:
+            yield item, wave
+
+
+def manifest_row(item: PendingRow, task: str, prompt: str, teacher: str, backend: TTSBackend,
+                 seed: int, **extra: Any) -> dict[str, Any]:
+    """The manifest row of a spoken item (the writer fills in audio and duration)."""
+    assert item.voice is not None
+    return {"id": item.row_id, "task": task, "instruction": item.instruction, "prompt": prompt,
+            "response": item.response, "audio": "", "duration": 0.0,
+            "sample_rate": SAMPLE_RATE, "voice": item.voice.to_dict(), "teacher": teacher,
+            "tts": row_tts(backend, item.voice), "seed": seed, "split": item.split,
+            "response_truncated": item.truncated,
+            "spoken_text": normalize_for_speech(item.instruction),
+            "candidate": item.candidate, **extra}
 
 
 def try_speak(backend: TTSBackend, item: PendingRow) -> np.ndarray | str:

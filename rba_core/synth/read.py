@@ -32,7 +32,7 @@ from typing import Any
 from rba_core.errors import ConfigError
 from rba_core.synth.dataset import DatasetWriter, read_manifest
 from rba_core.synth.dedupe import DedupeConfig, NearDuplicateIndex
-from rba_core.synth.text import normalize_for_speech, repetition_reason, unspeakable_reason, words_of
+from rba_core.synth.text import repetition_reason, unspeakable_reason, words_of
 
 log = logging.getLogger("rba.synth")
 
@@ -97,9 +97,10 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
     from tqdm import tqdm
 
     from rba_core.synth.pipeline import (
-        PendingRow, checked_task_state, draw_rng, load_teacher, teacher_responses, try_speak,
+        PendingRow, checked_task_state, draw_rng, load_teacher, manifest_row, spoken,
+        teacher_responses,
     )
-    from rba_core.synth.tts import SAMPLE_RATE, make_backend, row_tts, voices_by_engine
+    from rba_core.synth.tts import make_backend, voices_by_engine
 
     task = config.validate()
     name = config.task
@@ -175,26 +176,12 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
                 for item in items:
                     item.voice = backend.draw(draw_rng(config.seed, name, item.candidate,
                                                        "voice"), train_voices)
-                waves = list(pool.map(lambda item: try_speak(backend, item), items))
-                for item, wave in zip(items, waves):
-                    if isinstance(wave, str):
-                        filters[wave] += 1
-                        continue
-                    if len(wave) / SAMPLE_RATE > config.max_audio_seconds:
-                        filters["audio_too_long"] += 1
-                        continue
-                    assert item.voice is not None
-                    writer.add({
-                        "id": item.row_id, "task": name, "instruction": item.instruction,
-                        "prompt": prompt, "response": item.response, "audio": "",
-                        "duration": 0.0, "sample_rate": SAMPLE_RATE,
-                        "voice": item.voice.to_dict(),
-                        "teacher": teacher.name if name == CONTINUE_TASK else "(read)",
-                        "tts": row_tts(backend, item.voice), "seed": config.seed,
-                        "split": "train", "response_truncated": item.truncated,
-                        "spoken_text": normalize_for_speech(item.instruction),
-                        "candidate": item.candidate, "source": sources[item.row_id],
-                    }, wave)
+                for item, wave in spoken(pool, backend, items, filters,
+                                         config.max_audio_seconds):
+                    writer.add(manifest_row(
+                        item, name, prompt,
+                        teacher.name if name == CONTINUE_TASK else "(read)", backend,
+                        config.seed, source=sources[item.row_id]), wave)
                     done += 1
                     bar.update(1)
                 filters["accepted"] = writer.count(name)
