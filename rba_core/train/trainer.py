@@ -461,17 +461,19 @@ class Trainer:
                       step=at.step, resumed=resumed_from is not None, skipped=self.skipped)
         last_path = resumed_from
         last_saved = at.step if resumed_from is not None else -1
-        budget_stop = False
         try:
             # A step's time runs from the end of the previous one (checkpoints excluded), so
             # it includes fetching its batches: where the RL task rolls out.
+            # A resumed run whose budget is already spent takes no further step.
+            budget_stop = self._budget_spent()
             started = _step_clock()
-            for group in self._step_groups(at, rng_states):
+            for group in () if budget_stop else self._step_groups(at, rng_states):
                 record = self._optimizer_step(group, fsdp)
+                # Before the task's step-end hook: its held-out checks are evaluation.
+                self.counters.train_seconds += _step_clock() - started
                 at.batch += len(group)
                 at.step += 1
                 record.update(self._task_step_end(at.step, record))
-                self.counters.train_seconds += _step_clock() - started
                 log.after_step(record, at.step, at.epoch, self.counters)
                 if run.checkpoint_every and at.step % run.checkpoint_every == 0:
                     last_path = self.save(at)

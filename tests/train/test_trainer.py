@@ -119,10 +119,21 @@ def test_time_budget_counts_drawing_batches_and_a_resume_spends_what_is_left(tmp
 
     # A larger budget on resume continues from the 75 s spent: 2 minutes stop at step 5.
     # (Replaying the drawn batches is free here, so only the new steps' 25 s count.)
+    resumed_task = TakesTime(now, draw=0.0, loss_s=25.0, samples=16, init_seed=1)
     resumed = Trainer(make_config(tmp_path / "run", "run.max_steps=20",
                                   "run.time_budget_minutes=2", "run.checkpoint_every=0"),
-                      TakesTime(now, draw=0.0, loss_s=25.0, samples=16, init_seed=1)).train()
+                      resumed_task).train()
     assert (resumed.step, resumed.stopped_by_budget) == (5, True)
+
+    # Relaunching the finished run with the same budget takes no step and moves no weight.
+    relaunched = TakesTime(now, samples=16, init_seed=1)
+    again = Trainer(make_config(tmp_path / "run", "run.max_steps=20",
+                                "run.time_budget_minutes=2", "run.checkpoint_every=0"),
+                    relaunched).train()
+    assert (again.step, again.stopped_by_budget) == (5, True)
+    assert relaunched.batches_seen == resumed_task.batches_seen == 5  # restored, none added
+    for got, want in zip(weights(relaunched), weights(resumed_task)):
+        assert torch.equal(got, want)
 
     # No budget: max_steps ends the run, and the result says so.
     whole = Trainer(make_config(tmp_path / "whole", "run.max_steps=4", "run.checkpoint_every=0"),
