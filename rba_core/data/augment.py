@@ -64,11 +64,15 @@ class Transform:
             # A bound of 0 (Hz, seconds) is open: a band edge at 0 Hz or a room of RT60 0 is
             # no filter / no room.
             opening = "(" if low == 0 else "["
-            allowed = (f"[low, high] with low <= high, each in {opening}{low:g}, {high:g}] "
-                       f"({meaning})")
+            # A band edge at the Nyquist frequency is open too: the filter design refuses it
+            # mid-run, so it must fail here.
+            nyquist = name.endswith("_hz") and high == SAMPLE_RATE / 2
+            closing = ")" if nyquist else "]"
+            allowed = (f"[low, high] with low <= high, each in {opening}{low:g}, {high:g}"
+                       f"{closing} ({meaning})")
             for end in pair:
                 check_finite(f"{prefix}.{name}", end, low, high, low_open=low == 0,
-                             allowed=allowed)
+                             high_open=nyquist, allowed=allowed)
             if pair[0] > pair[1]:
                 invalid(f"{prefix}.{name}", allowed, list(pair))
 

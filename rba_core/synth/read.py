@@ -186,8 +186,9 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
                     bar.update(1)
                 filters["accepted"] = writer.count(name)
                 task_state["filters"] = dict(filters)
+                # The state (what resume needs) after every batch; the summary, which reads
+                # every row of the folder, once at the end.
                 writer.save_state(state)
-                writer.write_summary(state)
         bar.close()
         filters["accepted"] = writer.count(name)
         task_state["filters"] = dict(filters)

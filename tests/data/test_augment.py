@@ -227,6 +227,8 @@ def test_off_by_default_and_off_builds_no_augmenter():
     ("data.augment.band_limit.low_hz=[300,3400]", "data.augment.band_limit.low_hz"),
     ("data.augment.band_limit.high_hz=[200,3400]", "data.augment.band_limit.low_hz"),
     ("data.augment.band_limit.high_hz=[3000,9000]", "data.augment.band_limit.high_hz"),
+    # The Nyquist frequency itself: scipy's filter design would refuse it mid-run.
+    ("data.augment.band_limit.high_hz=[3000,8000]", "data.augment.band_limit.high_hz"),
     ("data.augment.gain.db=[6]", "data.augment.gain.db"),
     ("data.augment.enabled=sometimes", "data.augment.enabled"),
 ])
