@@ -94,7 +94,8 @@ def side_rba(args) -> dict:
     import torch
 
     from rba_core.data.tokenizer import Tokenizer
-    from rba_core.tasks.rba import RBAConfig, RewardWeights, RLStep, TextPrompts, stable_seed
+    from rba_core.seeding import stable_seed
+    from rba_core.tasks.rba import RBAConfig, RewardWeights, RLStep, TextPrompts
     from rba_core.weights.loading import load_model
 
     folder = llm_folder(args.model)

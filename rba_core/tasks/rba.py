@@ -42,8 +42,7 @@ from rba_core.rl import (
 )
 from rba_core.rollout import RolloutEngine, SamplingConfig, shared_prefix_hidden
 from rba_core.rollout.engine import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING
-# Re-exported: callers (bench/rl_step.py) import it from here.
-from rba_core.seeding import stable_seed  # noqa: F401
+from rba_core.seeding import stable_seed
 from rba_core.train.config import check_at_least, check_choice, check_finite, invalid
 from rba_core.tasks.speech import (
     EpochBatches, SpeechTaskConfig, describe_augment, fsdp_layers, load_augmenter, load_dataset,
