@@ -27,9 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(more words for the adapter's CTC alignment; no teacher call); "
                              "continue: the same sentences, the teacher's continuation of each "
                              "as the answer (the warm start before the instruction tasks)")
-    parser.add_argument("--source", metavar="DIR", default=None,
+    parser.add_argument("--source", metavar="DIR|FILE", default=None,
                         help="--task read/continue: the dataset whose answers are spoken "
-                             "(default: --out)")
+                             "(default: --out), or a UTF-8 text file, one passage per line, "
+                             "read in every voice but the --heldout-voices")
     parser.add_argument("--num", type=int, required=True, metavar="N",
                         help="rows of this task the folder should hold")
     parser.add_argument("--tts", default="espeak", metavar="ENGINE[,ENGINE]",

@@ -118,7 +118,9 @@ class SynthConfig:
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"--heldout-fraction must be in [0, 1), got "
                               f"{self.heldout_fraction!r}")
-        if self.heldout_voices and self.heldout_fraction == 0:
+        # read/continue take --heldout-voices alone: the voices a text source is not read in.
+        if self.heldout_voices and self.heldout_fraction == 0 and self.task not in (
+                "read", "continue"):
             raise ConfigError("--heldout-voices needs --heldout-fraction > 0: no row would be "
                               "held out to use them")
         if self.instruction_temperature <= 0:

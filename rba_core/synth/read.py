@@ -9,6 +9,10 @@ slower than espeak speaks. The answers the teacher already wrote for the
 themselves, declarative and in the same register. Only train-split answers are read, in
 voices the source's train split uses, so nothing of the held-out split leaks into training.
 
+The source can also be a UTF-8 text file, one passage per line (e.g. encyclopedia paragraphs):
+its sentences are read in every voice of ``--tts`` but those ``--heldout-voices`` names, so a
+held-out split made elsewhere keeps voices training never hears.
+
 Each row's instruction is one sentence. ``read``: the prompt asks to repeat it and the
 response is the sentence itself (no teacher call). ``continue``: the prompt asks to continue
 it and the response is the teacher's reply to exactly the user turn training shows the
@@ -81,6 +85,19 @@ def answer_sentences(rows: list[dict[str, Any]], *, min_words: int, max_words: i
     return sentences
 
 
+def text_rows(path: Path) -> list[dict[str, Any]]:
+    """A UTF-8 text file as source rows for ``answer_sentences``: each non-blank line one
+    train "answer" (a passage), named ``FILE:LINE``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--source {path}: not UTF-8 text ({error}); pass a dataset folder "
+                          "or a UTF-8 text file with one passage per line") from None
+    return [{"id": f"{path.name}:{number}", "task": "text", "split": "train",
+             "response": line.strip()}
+            for number, line in enumerate(lines, 1) if line.strip()]
+
+
 def echo_reason(sentence: str, response: str) -> str | None:
     """``response_echo`` when ``response`` has fewer than ``MIN_NEW_WORDS`` words that
     ``sentence`` lacks, else None."""
@@ -97,8 +114,8 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
     from tqdm import tqdm
 
     from rba_core.synth.pipeline import (
-        PendingRow, checked_task_state, draw_rng, load_teacher, manifest_row, spoken,
-        teacher_responses,
+        PendingRow, checked_task_state, draw_rng, load_teacher, manifest_row, split_voices,
+        spoken, teacher_responses,
     )
     from rba_core.synth.tts import make_backend, voices_by_engine
 
@@ -108,27 +125,38 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
         raise ConfigError(f"run_read makes --task {' or '.join(SPOKEN_ANSWER_TASKS)} rows, got "
                           f"{name!r}; use run_synth")
     source = Path(source or config.out)
-    if config.heldout_fraction or config.heldout_voices:
-        raise ConfigError(f"--task {name} speaks train answers in the source's train voices "
-                          "only; drop --heldout-fraction/--heldout-voices (the held-out split "
-                          "comes from the other tasks)")
+    from_text = source.is_file()
+    if config.heldout_fraction:
+        raise ConfigError(f"--task {name} makes train rows only; drop --heldout-fraction (the "
+                          "held-out split comes from the other tasks)")
+    if config.heldout_voices and not from_text:
+        raise ConfigError(f"--task {name} speaks {source}'s train answers in its train voices "
+                          "only; drop --heldout-voices (they are for a text-file --source)")
     backend = tts or make_backend(config.tts, piper_voices=list(config.piper_voices))
-    rows = read_manifest(source)
+    rows = text_rows(source) if from_text else read_manifest(source)
     filters: Counter[str] = Counter()
     sentences = answer_sentences(rows, min_words=config.resolved["min_words"],
                                  max_words=config.resolved["max_words"], filters=filters)
     if not sentences:
-        raise ConfigError(f"--task {name}: {source} holds no train answers with a speakable "
-                          "sentence; synthesize instruct/qa/translate rows there first")
-    # The voices the source's train split was spoken in: none reserved for held-out rows.
+        what = ("lines with a complete, speakable sentence" if from_text else
+                "train answers with a speakable sentence; synthesize instruct/qa/translate "
+                "rows there first")
+        raise ConfigError(f"--task {name}: {source} holds no {what}")
+    if from_text:
+        # No voices to inherit: every voice but those a held-out split elsewhere keeps.
+        source_voices = set(split_voices(backend.voices(), config.heldout_voices)[0])
+    else:
+        # The voices the source's train split was spoken in: none reserved for held-out rows.
+        source_voices = {row["voice"]["voice"] for row in rows if row["split"] == "train"
+                         and row["task"] not in SPOKEN_ANSWER_TASKS}
     # Each engine of a mix needs some, or it would speak no row (or a held-out voice).
-    source_voices = {row["voice"]["voice"] for row in rows if row["split"] == "train"
-                     and row["task"] not in SPOKEN_ANSWER_TASKS}
     for engine, voices in voices_by_engine(backend).items():
         if not source_voices & set(voices):
-            raise ConfigError(f"--task {name}: no voice of {source}'s train rows belongs to "
-                              f"the --tts {engine} engine; use the engine the source was made "
-                              "with (each engine of a --tts mix needs train rows there)")
+            where = ("--heldout-voices holds out all of its voices" if from_text else
+                     f"no voice of {source}'s train rows belongs to it; use the engine the "
+                     "source was made with (each engine of a --tts mix needs train rows there)")
+            raise ConfigError(f"--task {name}: the --tts {engine} engine would speak no row: "
+                              f"{where}")
     train_voices = sorted(source_voices & set(backend.voices()))
     prompt = task.prompt(config.target_language)
     index = NearDuplicateIndex(DedupeConfig(threshold=config.near_duplicate_threshold))

@@ -207,14 +207,14 @@ def test_continue_resumes_after_a_kill_without_repeating_a_row(tmp_path, monkeyp
 
 def test_continue_refuses_what_it_cannot_do(tmp_path):
     write_source(tmp_path / "source")
-    with pytest.raises(ConfigError, match="--task continue speaks train answers.*drop "
+    with pytest.raises(ConfigError, match="--task continue makes train rows only; drop "
                                           "--heldout-fraction"):
         run_read(continue_config(tmp_path / "x", heldout_fraction=0.1),
                  source=tmp_path / "source", tts=ToneTTS(), teacher=ScriptedContinuer())
     # An engine of the mix with no train voice in the source would speak nothing (or a
     # held-out voice): refused, naming it.
     write_source(tmp_path / "tone-only", [a for a in ANSWERS if not a[1].startswith("c")])
-    with pytest.raises(ConfigError, match="the --tts buzz engine; use the engine"):
+    with pytest.raises(ConfigError, match="the --tts buzz engine would speak no row: no voice.*use the engine"):
         run_read(continue_config(tmp_path / "y"), source=tmp_path / "tone-only",
                  tts=EngineMix([ToneTTS(), BuzzTTS()]), teacher=ScriptedContinuer())
 

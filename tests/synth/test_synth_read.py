@@ -135,3 +135,48 @@ def test_bad_input_names_the_fix(tmp_path):
                               str(tmp_path / "q"), "--source", str(tmp_path / "source")])
     with pytest.raises(ConfigError, match="--source goes with --task read or continue only"):
         args.handler(args)
+
+
+def test_a_text_file_source_is_read_in_every_voice_but_the_heldout_ones(tmp_path):
+    text = tmp_path / "passages.txt"
+    text.write_text("Paris is the capital of France. It lies on the Seine river!\n\n"
+                    "Yes. The moon orbits the earth once in about twenty seven days.\n"
+                    "An unfinished passage with no end\n", encoding="utf-8")
+    summary = run_read(config(tmp_path / "out", heldout_voices=("b",)), source=text,
+                       tts=ToneTTS())
+    rows = read_manifest(tmp_path / "out")
+    assert [r["instruction"] for r in rows] == [EXPECTED[0], EXPECTED[1], EXPECTED[3]]
+    assert [r["source"] for r in rows] == ["passages.txt:1", "passages.txt:1", "passages.txt:3"]
+    # No voice of base voice b: those are the held-out split's (made by another task).
+    assert {r["voice"]["voice"] for r in rows} <= {"a+1", "a+2"}
+    assert all(r["split"] == "train" and r["response"] == r["instruction"] for r in rows)
+    filters = summary["tasks"]["read"]["filters"]
+    assert filters["too_short"] == 1 and filters["not_a_sentence"] == 1
+    # Without --heldout-voices every voice may speak.
+    many = tmp_path / "many.txt"
+    many.write_text("\n".join(f"Sentence number {n} is spoken by someone here." for n in
+                              range(60)), encoding="utf-8")
+    run_read(config(tmp_path / "all", num=40, near_duplicate_threshold=1.0), source=many,
+             tts=ToneTTS())
+    voices = {r["voice"]["voice"].split("+")[0] for r in read_manifest(tmp_path / "all")}
+    assert voices == {"a", "b"}
+
+
+def test_a_bad_text_source_names_the_fix(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("Too short.\n\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="lines with a complete, speakable sentence"):
+        run_read(config(tmp_path / "a"), source=empty, tts=ToneTTS())
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        run_read(config(tmp_path / "b"), source=binary, tts=ToneTTS())
+    fine = tmp_path / "fine.txt"
+    fine.write_text("Paris is the capital of France.\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="holds out every voice of --tts"):
+        run_read(config(tmp_path / "c", heldout_voices=("a", "b")), source=fine,
+                 tts=ToneTTS())
+    write_source(tmp_path / "folder")
+    with pytest.raises(ConfigError, match="they are for a text-file --source"):
+        run_read(config(tmp_path / "d", heldout_voices=("b",)), source=tmp_path / "folder",
+                 tts=ToneTTS())
