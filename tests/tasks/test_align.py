@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import adapter_weights, killed_then_resumed, speech_config
+from helpers import adapter_weights, killed_then_resumed, speech_config, write_tiny_encoder
 from rba_core.tasks.align import (
     BLANK, CTCAlignHead, alignment_vocabulary, ctc_align_loss, greedy_decode, spoken_text,
     transcript_ids,
@@ -98,6 +98,12 @@ def test_align_task_overfits_caches_the_encoder_and_resumes_exactly(tiny_models,
     from rba_core.tasks import build_task
     from rba_core.tasks.align import SpeechAlignTask
 
+    # One fixed random encoder, not the session seed's: a CI run drew one whose frames of the
+    # tiny random-tone clips barely differ, so the adapter could not tell most clips apart (19
+    # other session seeds passed here). What is tested is the task, not that encoder draw.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        write_tiny_encoder(tiny_models["encoder"])
     settings = ["task=align", "data.batch_size=6", "run.max_steps=60", "optim.lr=1e-2",
                 "schedule.warmup_steps=2", "run.checkpoint_every=25", "run.log_every=1"]
     config = speech_config(tiny_models, tmp_path / "whole", *settings)
