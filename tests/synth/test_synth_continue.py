@@ -277,7 +277,7 @@ def test_heldout_voices_in_a_mix(tmp_path):
     (",piper", r"has an empty item"),
     ("espeak, ,piper", r"has an empty item"),
     ("espeak,espeak", r"names espeak twice"),
-    ("festival", r"'espeak' or 'piper', or a comma list"),
+    ("festival", r"'espeak', 'piper' or 'flite', or a comma list"),
 ])
 def test_bad_tts_values_are_refused_naming_the_flag(tmp_path, value, message):
     with pytest.raises(ConfigError, match=message):
