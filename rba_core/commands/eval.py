@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from rba_core.synth.tts import ENGINES
+
 # Most new tokens per answer when --max-new-tokens is not given: the synth answers were written
 # with at most 48-64 tokens, NQ answers are short, IFEval asks for essays of 300+ words, and a
 # translation of `rba synth --task translate`'s sentences (at most 30 words) runs to about 70
@@ -72,13 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where the results go (default: eval-SUITE)")
     speech = parser.add_argument_group("spoken prompts (ifeval, nq, translate pairs files)")
-    speech.add_argument("--engine", choices=("espeak", "piper"), default="espeak",
+    speech.add_argument("--engine", choices=ENGINES, default="espeak",
                         help="TTS engine (default: espeak)")
     speech.add_argument("--voices", type=_voices, default=(), metavar="V1,V2",
                         help="voices to speak in: a voice, a base voice (en-us-nyc) or a variant "
                              "(+f3) (default: the packaged adapter's held-out voices, "
-                             "en-us-nyc,+f3 for espeak; every voice of piper, which training "
-                             "never used)")
+                             "en-us-nyc,+f3 for espeak; every voice of piper and of flite)")
     speech.add_argument("--piper-voice", action="append", default=[], metavar="FILE.onnx",
                         help="an extra piper voice file (repeatable)")
     speech.add_argument("--audio-cache", type=Path, default=None, metavar="DIR",

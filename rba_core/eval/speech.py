@@ -18,7 +18,7 @@ from rba_core.errors import ConfigError
 
 # Voices the packaged default adapter's training never heard (its synthesis held out every
 # en-us-nyc variant and the +f3 variant of every accent; see assets/speechlm-default/TRAINING.md).
-DEFAULT_HELDOUT_VOICES = {"espeak": ("en-us-nyc", "+f3"), "piper": ()}
+DEFAULT_HELDOUT_VOICES = {"espeak": ("en-us-nyc", "+f3"), "piper": (), "flite": ()}
 # Whisper's encoder window: longer prompts cannot be heard whole, so they are left out.
 MAX_SECONDS = 30.0
 

@@ -148,3 +148,17 @@ def test_an_undecodable_clip_is_left_out_counted_and_reported(tmp_path, capsys):
     assert results["items"] == 5 and results["left_out_counts"] == {"unreadable_audio": 1}
     assert "Left out: 1 items (unreadable_audio 1)" in captured.out
     assert "left out 1 items (unreadable_audio 1); 5 remain" in captured.err
+
+
+@pytest.mark.slow
+def test_nq_suite_spoken_by_flite_uses_every_flite_voice(folders, capsys):
+    out = folders["tmp"] / "nq_flite"
+    assert _eval(folders, "--suite", "nq", "--limit", "3", "--teacher-text", "--engine",
+                 "flite", "--audio-cache", str(folders["tmp"] / "audio"), "--out",
+                 str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["groups"] == ["flite"]
+    voices = {item["voice"]["voice"] for item in results["per_item"]}
+    # An engine training never uses is held out whole: any of its voices may speak.
+    assert voices and voices <= {"kal", "kal16", "awb", "rms", "slt"}
+    assert len(list((folders["tmp"] / "audio" / "flite").iterdir())) == 3
