@@ -162,7 +162,14 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
     index = NearDuplicateIndex(DedupeConfig(threshold=config.near_duplicate_threshold))
     with DatasetWriter(config.out, shard_size=config.shard_size) as writer:
         state = writer.load_state()
-        checked_task_state(config, state)
+        previous = checked_task_state(config, state)
+        # Row k is sentence k of the source: a rerun reading another source would give
+        # existing ids to other sentences.
+        if previous and previous.get("source") and \
+                Path(previous["source"]).resolve() != source.resolve():
+            raise ConfigError(f"--out {config.out} already holds {name} rows read from "
+                              f"{previous['source']}, not {source}; rerun with that --source "
+                              "to continue, or pick another --out")
         done = writer.count(name)
         if done >= config.num:
             return writer.write_summary(state)
@@ -181,7 +188,7 @@ def run_read(config: "SynthConfig", *, source: str | Path | None = None,  # noqa
         # The sentence filters are recounted over all sentences each run, the rest over the
         # sentences this run makes (those a previous run dropped are made again).
         task_state = {"config": config.fixed(), "filters": dict(filters),
-                      "source": str(source)}
+                      "source": str(source.resolve())}
         state["tasks"][name] = task_state
         bar = tqdm(total=config.num, initial=done, disable=not config.progress, unit="row",
                    desc=f"synth {name}")

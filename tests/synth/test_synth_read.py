@@ -180,3 +180,15 @@ def test_a_bad_text_source_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="they are for a text-file --source"):
         run_read(config(tmp_path / "d", heldout_voices=("b",)), source=tmp_path / "folder",
                  tts=ToneTTS())
+
+
+def test_a_rerun_from_another_source_is_refused(tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("Paris is the capital of France.\n", encoding="utf-8")
+    second.write_text("The moon orbits the earth once a month.\n", encoding="utf-8")
+    run_read(config(tmp_path / "out", num=1), source=first, tts=ToneTTS())
+    with pytest.raises(ConfigError, match="rows read from .*first.txt, not .*second.txt"):
+        run_read(config(tmp_path / "out", num=2), source=second, tts=ToneTTS())
+    # The same source, named another way, continues.
+    run_read(config(tmp_path / "out", num=2), source=tmp_path / "." / "first.txt",
+             tts=ToneTTS())
