@@ -97,6 +97,14 @@ class TTSBackend(Protocol):
     def synthesize(self, text: str, voice: Voice) -> tuple[np.ndarray, int]: ...
 
 
+def find_program(binary: str | None, program: str, engine: str, hint: str) -> str:
+    """``binary`` (default: ``program`` on PATH), or a ConfigError naming the install."""
+    found = binary or shutil.which(program)
+    if found is None or not Path(found).exists():
+        raise ConfigError(f"--tts {engine}: the {program} program is not on PATH; {hint}")
+    return found
+
+
 class EspeakBackend:
     """espeak-ng through a subprocess (about 15-35 ms a sentence)."""
 
@@ -104,11 +112,7 @@ class EspeakBackend:
 
     def __init__(self, binary: str | None = None, *, speed_range: tuple[int, int] = (135, 175),
                  pitch_range: tuple[int, int] = (35, 65), timeout_s: float = 60.0) -> None:
-        found = binary or shutil.which("espeak-ng")
-        if found is None or not Path(found).exists():
-            raise ConfigError(f"--tts espeak: the espeak-ng program is not on PATH; "
-                              f"{ESPEAK_INSTALL_HINT}")
-        self.binary = found
+        self.binary = find_program(binary, "espeak-ng", "espeak", ESPEAK_INSTALL_HINT)
         self.speed_range = speed_range
         self.pitch_range = pitch_range
         self.timeout_s = timeout_s
@@ -263,11 +267,7 @@ class FliteBackend:
     def __init__(self, binary: str | None = None, *,
                  stretch_range: tuple[float, float] = (0.85, 1.15),
                  timeout_s: float = 60.0) -> None:
-        found = binary or shutil.which("flite")
-        if found is None or not Path(found).exists():
-            raise ConfigError(f"--tts flite: the flite program is not on PATH; "
-                              f"{FLITE_INSTALL_HINT}")
-        self.binary = found
+        self.binary = find_program(binary, "flite", "flite", FLITE_INSTALL_HINT)
         self.stretch_range = stretch_range
         self.timeout_s = timeout_s
         self._version: str | None = None
