@@ -28,8 +28,9 @@ B, P, C = 4, 5, 6      # completions, prompt width, completion width
 TOL = 1e-5
 # AdamW scales each gradient element by its own running magnitude, so an element whose gradient
 # is near zero turns float32 rounding into a full-size update: after two steps at lr 1e-2 (the
-# weights move by ~12%) the runs agree to ~5e-5 of the largest weight.
-WEIGHT_TOL = 1e-4
+# weights move by ~12%) the runs agree to ~5e-5 of the largest weight at 1 thread; at 2 threads
+# (another reduction order) a GKD run was measured at 1.6e-4.
+WEIGHT_TOL = 3e-4
 PROMPT = "what is the capital of france"
 
 
